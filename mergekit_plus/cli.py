@@ -1,0 +1,163 @@
+"""The `merge` command line: argument parsing, and our exceptions turned into short messages and exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from mergekit_plus import __version__
+from mergekit_plus.errors import MergeError
+from mergekit_plus.methods import list_methods
+from mergekit_plus.methods.base import REQUIRED
+
+app = typer.Typer(
+    name="merge",
+    help="Merge Hugging Face checkpoints tensor by tensor from a YAML recipe.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+logger = logging.getLogger("mergekit_plus")
+
+RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log per-tensor detail and show tracebacks.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of text.")]
+
+
+def _setup_logging(*, verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def _fail(error: MergeError, *, verbose: bool) -> None:
+    if verbose:
+        logger.exception("error")
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(error.exit_code)
+
+
+def _load(recipe_path: Path) -> tuple[Any, dict[str, Any]]:
+    from mergekit_plus.recipe.validate import parse_recipe
+    from mergekit_plus.recipe.yaml_lines import load_recipe_file
+
+    located = load_recipe_file(recipe_path)
+    return parse_recipe(located), located.data
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder; overrides `output.path`.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")] = False,
+    device: Annotated[str, typer.Option(help="Where operators run: cpu, cuda, cuda:N or auto.")] = "cpu",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and only warnings.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Merge the recipe's models and write the result to its output folder."""
+    from mergekit_plus.execute import run_plan, select_device
+    from mergekit_plus.plan import build_plan
+
+    _setup_logging(verbose=verbose, quiet=quiet)
+    try:
+        select_device(device)
+        parsed, data = _load(recipe)
+        plan = build_plan(parsed, output=output, overwrite=force)
+        summary = run_plan(plan, recipe_data=data, device=device, progress=not quiet and sys.stderr.isatty())
+    except MergeError as error:
+        _fail(error, verbose=verbose)
+    typer.echo(f"merged {summary.tensors} tensors ({summary.total_bytes / 1e9:.2f} GB) into {summary.output} "
+               f"in {summary.seconds:.1f} s", err=quiet)
+
+
+@app.command()
+def plan(
+    recipe: RecipeArg,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder; overrides `output.path`.")] = None,
+    tensors: Annotated[bool, typer.Option("--tensors", help="List every output tensor and how it is made.")] = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Show what a run would read and write, without merging."""
+    from mergekit_plus.plan import build_plan
+    from mergekit_plus.report import describe_plan, plan_summary
+
+    _setup_logging(verbose=verbose, quiet=True)
+    try:
+        parsed, _ = _load(recipe)
+        built = build_plan(parsed, output=output, overwrite=True, require_output=False)
+    except MergeError as error:
+        _fail(error, verbose=verbose)
+    if as_json:
+        typer.echo(json.dumps(plan_summary(built, with_tensors=tensors), indent=2))
+    else:
+        typer.echo(describe_plan(built, with_tensors=tensors))
+
+
+@app.command()
+def validate(
+    recipe: RecipeArg,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Check the recipe and every input header without merging.
+
+    Exit codes: 0 valid, 1 invalid recipe, 2 input problem (missing, broken or incompatible checkpoints).
+    """
+    from mergekit_plus.plan import build_plan
+
+    _setup_logging(verbose=verbose, quiet=True)
+    try:
+        parsed, _ = _load(recipe)
+        built = build_plan(parsed, overwrite=True, require_output=False)
+    except MergeError as error:
+        if as_json:
+            problems = getattr(error, "problems", None) or [error.message]
+            typer.echo(json.dumps({"valid": False, "exit_code": error.exit_code, "errors": problems,
+                                   "hint": error.hint}, indent=2))
+            raise typer.Exit(error.exit_code)
+        _fail(error, verbose=verbose)
+    if as_json:
+        typer.echo(json.dumps({"valid": True, "exit_code": 0, "tensors": len(built.jobs),
+                               "inputs": [i.source.label for i in built.inputs]}, indent=2))
+    else:
+        typer.echo(f"{recipe}: valid ({len(built.jobs)} tensors from {len(built.inputs)} inputs)")
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods, their parameters and defaults."""
+    for method in list_methods():
+        base = "needs base_model" if method.requires_base else "no base needed"
+        typer.echo(f"{method.name}  {method.title} ({base})")
+        typer.echo(f"    {method.summary}")
+        typer.echo(f"    paper: {method.paper}")
+        for param in method.params:
+            default = "required" if param.default is REQUIRED else f"default {param.default!r}"
+            scope = "per model" if param.per_model else "global"
+            choices = f", one of {'/'.join(param.choices)}" if param.choices else ""
+            typer.echo(f"    - {param.name} ({param.kind.__name__}, {scope}, {default}{choices}): {param.help}")
+        typer.echo("")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(f"mergekit_plus {__version__}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

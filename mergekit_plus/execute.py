@@ -1,0 +1,179 @@
+"""The executor: streams the plan tensor by tensor, reading ahead while the current tensor merges.
+
+Knows no method's math: it reads, converts to the compute dtype, calls the method's operator,
+checks the result, converts to the stored dtype and hands the tensor to the shard writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mergekit_plus.errors import MergeError, MergeValueError
+from mergekit_plus.io.sidefiles import (
+    InputRecord,
+    copy_tokenizer_files,
+    write_config,
+    write_model_card,
+    write_recipe_copy,
+)
+from mergekit_plus.io.writer import ShardWriter
+from mergekit_plus.plan import DTYPE_NAMES, Plan, TensorJob
+
+logger = logging.getLogger(__name__)
+
+PREFETCH_JOBS = 2
+
+
+@dataclass(frozen=True)
+class MergeSummary:
+    output: Path
+    files: tuple[str, ...]
+    tensors: int
+    total_bytes: int
+    seconds: float
+
+
+def select_device(name: str) -> torch.device:
+    """Turn `cpu`, `cuda`, `cuda:N` or `auto` into a device, checking that it exists."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise MergeError(f"unknown device {name!r}", hint="use cpu, cuda, cuda:N or auto") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MergeError(f"device {name!r} requested but CUDA is not available in this torch build or machine",
+                             hint="use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MergeError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA devices found",
+                             hint=f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise MergeError(f"device type {device.type!r} is not supported", hint="use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def run_plan(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", progress: bool = True) -> MergeSummary:
+    """Merge every tensor of `plan` into a staging folder, add the side files, then move it into place."""
+    if plan.staged is None or plan.output is None:
+        raise ValueError("run_plan needs a plan built with an output folder")
+    target = select_device(device)
+    started = time.perf_counter()
+    staging = plan.staged.begin()
+    writer = ShardWriter(staging, plan.layout)
+    try:
+        # 1. Tensors, in plan order, with reads running ahead of the merge.
+        writer.open()
+        with tqdm(total=plan.layout.total_size, unit="B", unit_scale=True, desc="merging",
+                  disable=not progress, leave=False) as bar:
+            for job, tensors in _prefetched(plan.jobs):
+                result = _run_job(plan, job, tensors, target)
+                writer.write(job.name, result)
+                bar.update(job.output.nbytes)
+                logger.debug("%s: %s %s", job.name, job.action, list(job.output.shape))
+        files = writer.finish()
+
+        # 2. Side files, after the weights so a failed merge spends no time on them.
+        out_dtype_name = DTYPE_NAMES[plan.out_dtype]
+        if write_config(staging, plan.config, out_dtype=out_dtype_name):
+            files.append("config.json")
+        copied = copy_tokenizer_files(staging, plan.tokenizer_source)
+        write_model_card(
+            staging, method_title=plan.method.title, method_name=plan.method.name, paper=plan.method.paper,
+            inputs=[InputRecord(i.role, i.source) for i in plan.inputs], recipe_data=recipe_data,
+            seed=plan.recipe.seed, compute_dtype=plan.recipe.dtype, out_dtype=out_dtype_name,
+            tokenizer_source=plan.tokenizer_source, copied_files=copied)
+        write_recipe_copy(staging, recipe_data)
+        files += copied + ["README.md", "merge_recipe.yaml"]
+
+        # 3. Only now does anything appear under the output name.
+        plan.staged.commit()
+    except BaseException:
+        writer.close()
+        plan.staged.abort()
+        raise
+
+    seconds = time.perf_counter() - started
+    logger.info("wrote %d tensors, %.2f GB in %d shards to %s in %.1f s", len(plan.jobs),
+                plan.layout.total_size / 1e9, len(plan.layout.shards), plan.output, seconds)
+    return MergeSummary(plan.output, tuple(files), len(plan.jobs), plan.layout.total_size, seconds)
+
+
+def _read_job(job: TensorJob) -> list[torch.Tensor]:
+    return [read.input.reader.read(read.info.name) for read in job.reads]
+
+
+def _prefetched(jobs: tuple[TensorJob, ...]):
+    """Yield (job, its input tensors), keeping the reads of the next jobs in flight."""
+    with ThreadPoolExecutor(max_workers=PREFETCH_JOBS, thread_name_prefix="read") as pool:
+        pending: deque[tuple[TensorJob, Future[list[torch.Tensor]]]] = deque()
+        upcoming = iter(jobs)
+        for job in upcoming:
+            pending.append((job, pool.submit(_read_job, job)))
+            if len(pending) > PREFETCH_JOBS:
+                break
+        while pending:
+            job, future = pending.popleft()
+            next_job = next(upcoming, None)
+            if next_job is not None:
+                pending.append((next_job, pool.submit(_read_job, next_job)))
+            yield job, future.result()
+
+
+def _run_job(plan: Plan, job: TensorJob, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if job.action == "copy":
+        return tensors[0]
+
+    for read, tensor in zip(job.reads, tensors):
+        _check_finite_input(job.name, read.input.label, tensor)
+    converted = [tensor.to(device=device, dtype=plan.compute_dtype) for tensor in tensors]
+    base = converted[0] if job.base is not None else None
+    models = converted[1:] if job.base is not None else converted
+    result = plan.method.operator(base, models, params=job.params, model_params=job.model_params, seeds=job.seeds)
+    del converted, base, models
+
+    result = _fit_to_dtype(job.name, result, plan.out_dtype, clamp=plan.recipe.output.clamp_out_of_range)
+    return result.to(device="cpu", dtype=plan.out_dtype)
+
+
+def _check_finite_input(name: str, label: str, tensor: torch.Tensor) -> None:
+    # A sum is one fast pass and is finite whenever every element is (weights never come near
+    # float32's range in a sum); only a non-finite sum needs the exact count.
+    if tensor.numel() == 0 or math.isfinite(float(tensor.sum(dtype=torch.float32))):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise MergeValueError(f"tensor {name}: {label} holds {bad} NaN or infinite values",
+                              hint="that input is broken; fix or download it again before merging")
+
+
+def _fit_to_dtype(name: str, result: torch.Tensor, out_dtype: torch.dtype, *, clamp: bool) -> torch.Tensor:
+    finite = math.isfinite(float(result.sum(dtype=torch.float32))) or bool(torch.isfinite(result).all())
+    if not finite:
+        raise MergeValueError(f"tensor {name}: the merged values hold NaN or infinity",
+                              hint="check the method's parameters (weights, lambda) for this tensor")
+    limit = torch.finfo(out_dtype).max
+    if limit >= torch.finfo(result.dtype).max:
+        return result
+    largest = float(result.abs().max()) if result.numel() else 0.0
+    if largest <= limit:
+        return result
+    if clamp:
+        logger.warning("tensor %s: clamped values up to %.4g to the %s range (±%.4g)", name, largest,
+                       DTYPE_NAMES.get(out_dtype, out_dtype), limit)
+        return result.clamp(-limit, limit)
+    raise MergeValueError(
+        f"tensor {name}: largest merged magnitude {largest:.6g} exceeds the {DTYPE_NAMES.get(out_dtype, out_dtype)} "
+        f"maximum {limit:.6g}",
+        hint="store a wider dtype (`out_dtype: bfloat16` or `float32`), lower the weights, or set "
+             "`output.clamp_out_of_range: true` to clamp")

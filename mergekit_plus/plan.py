@@ -1,0 +1,378 @@
+"""The plan: every output tensor with its inputs, operator and parameters, built from headers alone.
+
+Every check that can run before the first write runs here: inputs found and readable, shard headers
+valid, tensors present in every input, equal shapes (never broadcast), float dtypes, no quantized
+weights, method parameters valid for every tensor, and the output folder writable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergekit_plus import architecture
+from mergekit_plus.errors import InputError, MergeError, RecipeError
+from mergekit_plus.io.reader import CheckpointReader, TensorInfo
+from mergekit_plus.io.sources import ModelSource, resolve_source
+from mergekit_plus.io.writer import CheckpointLayout, PlannedTensor, StagedOutput, plan_layout
+from mergekit_plus.methods import get_method
+from mergekit_plus.methods.base import REQUIRED, MergeMethod
+from mergekit_plus.recipe.params import resolve_tensor_parameters
+from mergekit_plus.recipe.schema import Recipe
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+FLOAT_DTYPES = frozenset(DTYPES.values())
+
+# Tensor names that only quantized checkpoints have (GPTQ, AWQ, bitsandbytes, ...).
+_QUANTIZED_MARKERS = ("qweight", "qzeros", "g_idx", ".absmax", ".quant_map", ".SCB", "weight_scale", "weight_packed")
+_MAX_PROBLEMS_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class InputModel:
+    """A resolved input with its open reader. `index` is its position in `models`, or -1 for the base."""
+
+    role: str
+    index: int
+    source: ModelSource
+    reader: CheckpointReader
+
+    @property
+    def label(self) -> str:
+        return f"base {self.source.label}" if self.role == "base" else f"model {self.source.label}"
+
+
+@dataclass(frozen=True)
+class TensorRead:
+    """One tensor to read: from which input, under which stored name."""
+
+    input: InputModel
+    info: TensorInfo
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """How one output tensor is produced: `merge` runs the operator, `copy` stores one input's tensor."""
+
+    name: str
+    action: str
+    output: PlannedTensor
+    base: TensorRead | None = None
+    models: tuple[TensorRead, ...] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+    model_params: tuple[Mapping[str, Any], ...] = ()
+    seeds: tuple[int, ...] = ()
+
+    @property
+    def reads(self) -> tuple[TensorRead, ...]:
+        return ((self.base,) if self.base is not None else ()) + self.models
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(read.info.nbytes for read in self.reads)
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    method: MergeMethod
+    base: InputModel | None
+    models: tuple[InputModel, ...]
+    reference: InputModel
+    tokenizer_source: ModelSource
+    jobs: tuple[TensorJob, ...]
+    dropped: tuple[tuple[str, str], ...]
+    layout: CheckpointLayout
+    compute_dtype: torch.dtype
+    out_dtype: torch.dtype
+    output: Path | None
+    staged: StagedOutput | None
+    config: dict[str, Any] | None
+    peak_bytes_estimate: int
+
+    @property
+    def inputs(self) -> tuple[InputModel, ...]:
+        return ((self.base,) if self.base is not None else ()) + self.models
+
+
+class _Problems:
+    """Problems found while planning, grouped so one cause over many tensors reads as one line."""
+
+    def __init__(self) -> None:
+        self._by_message: dict[str, list[str]] = defaultdict(list)
+        self.hints: list[str] = []
+
+    def add(self, message: str, tensor: str | None = None, hint: str | None = None) -> None:
+        self._by_message[message].append(tensor or "")
+        if hint and hint not in self.hints:
+            self.hints.append(hint)
+
+    def __bool__(self) -> bool:
+        return bool(self._by_message)
+
+    def lines(self) -> list[str]:
+        lines = []
+        for message, tensors in self._by_message.items():
+            named = [t for t in tensors if t]
+            if len(named) > 1:
+                shown = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+                lines.append(f"{message} (tensors: {shown})")
+            elif named:
+                lines.append(f"tensor {named[0]}: {message}")
+            else:
+                lines.append(message)
+        return lines
+
+    def raise_as(self, error_type: type[MergeError]) -> None:
+        lines = self.lines()
+        shown = lines[:_MAX_PROBLEMS_SHOWN]
+        if len(lines) > len(shown):
+            shown.append(f"... and {len(lines) - len(shown)} more problems")
+        message = shown[0] if len(shown) == 1 else f"{len(lines)} problems:\n" + "\n".join(f"  - {line}" for line in shown)
+        if error_type is RecipeError:
+            raise RecipeError(shown)
+        raise error_type(message, hint="; ".join(self.hints) or None)
+
+
+def derive_seed(seed: int, tensor_name: str, model_index: int) -> int:
+    """A 63-bit seed that depends only on the recipe seed, the tensor name and the model's position."""
+    digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{model_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def build_plan(recipe: Recipe, *, output: str | Path | None = None, overwrite: bool = False,
+               require_output: bool = True) -> Plan:
+    """Resolve the inputs, read their headers and plan every output tensor. Raise before any write.
+
+    `require_output=False` plans without an output folder, for `merge validate` and `merge plan`.
+    """
+    method = get_method(recipe.merge_method)
+    if method is None:  # the recipe validation already rejects this; kept for plans built in code
+        raise RecipeError([f"unknown merge method `{recipe.merge_method}`"])
+
+    # 1. The output folder, checked first: it costs nothing and spares reading headers for nothing.
+    chosen = output or recipe.output.path
+    output_path = Path(chosen) if chosen else None
+    staged = None
+    if output_path is not None:
+        staged = StagedOutput(output_path, overwrite=overwrite or recipe.output.overwrite)
+        staged.check()
+    elif require_output:
+        raise RecipeError(["no output folder: add `output: {path: FOLDER}` to the recipe or pass --output FOLDER"])
+
+    # 2. Inputs: resolve every source and read every header, reporting all broken inputs together.
+    base, models, tokenizer_source = _open_inputs(recipe)
+    if output_path is not None:
+        _check_output_is_not_an_input(output_path, [i.source for i in (base, *models) if i is not None])
+    _check_not_quantized([i for i in (base, *models) if i is not None])
+
+    # 3. Tensors: the output keeps the reference's tensors, less heads that the config ties.
+    reference = base if base is not None else models[0]
+    config = reference.reader.config
+    compute_dtype = DTYPES[recipe.dtype]
+    out_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else _dominant_float_dtype(reference)
+    jobs, dropped = _plan_tensors(recipe, method, base, models, reference, out_dtype)
+
+    # 4. Shards and memory.
+    layout = plan_layout([job.output for job in jobs], max_shard_bytes=recipe.shard_size_bytes,
+                         metadata={"format": "pt"})
+    plan = Plan(recipe=recipe, method=method, base=base, models=tuple(models), reference=reference,
+                tokenizer_source=tokenizer_source, jobs=tuple(jobs), dropped=tuple(dropped), layout=layout,
+                compute_dtype=compute_dtype, out_dtype=out_dtype, output=output_path, staged=staged,
+                config=config, peak_bytes_estimate=estimate_peak_bytes(jobs, compute_dtype))
+    logger.info("planned %d tensors (%d dropped) into %d shards, %.2f GB, peak memory about %.2f GB",
+                len(jobs), len(dropped), len(layout.shards), layout.total_size / 1e9, plan.peak_bytes_estimate / 1e9)
+    return plan
+
+
+def estimate_peak_bytes(jobs: list[TensorJob], compute_dtype: torch.dtype, prefetch: int = 2) -> int:
+    """Estimate peak memory: the largest job's inputs and two temporaries in the compute dtype,
+    plus the raw reads of the jobs being prefetched. Shards are never buffered."""
+    if not jobs:
+        return 0
+    largest = max(jobs, key=lambda job: job.output.nbytes)
+    numel = largest.output.nbytes // largest.output.dtype.itemsize
+    working = numel * compute_dtype.itemsize * (len(largest.reads) + 2)
+    prefetched = sum(sorted((job.input_bytes for job in jobs), reverse=True)[:prefetch])
+    return working + prefetched
+
+
+def _open_inputs(recipe: Recipe) -> tuple[InputModel | None, list[InputModel], ModelSource]:
+    problems = _Problems()
+    opened: list[InputModel | None] = []
+    specs: list[tuple[str, int, str, str | None]] = []
+    if recipe.base_model is not None:
+        specs.append(("base", -1, recipe.base_model.model, recipe.base_model.revision))
+    specs += [("model", index, spec.model, spec.revision) for index, spec in enumerate(recipe.models)]
+
+    for role, index, reference, revision in specs:
+        try:
+            source = resolve_source(reference, revision)
+            opened.append(InputModel(role, index, source, CheckpointReader(source)))
+        except InputError as exc:
+            problems.add(exc.message, hint=exc.hint)
+            opened.append(None)
+    if problems:
+        problems.raise_as(InputError)
+
+    base = opened[0] if recipe.base_model is not None else None
+    models = [m for m in opened if m is not None and m.role == "model"]
+    name = recipe.tokenizer_source_name
+    if name == "base":
+        tokenizer_source = (base or models[0]).source
+    else:
+        tokenizer_source = next(m.source for m in models if recipe.models[m.index].model == name)
+    return base, models, tokenizer_source
+
+
+def _check_output_is_not_an_input(output: Path, sources: list[ModelSource]) -> None:
+    target = output.resolve()
+    for source in sources:
+        folder = source.folder.resolve()
+        if folder == target or target in folder.parents:
+            raise InputError(f"output folder {output} would replace input {source.reference}",
+                             hint="choose an output folder outside every input")
+
+
+def _check_not_quantized(inputs: list[InputModel]) -> None:
+    problems = _Problems()
+    hint = "merge the unquantized (float) checkpoints, then quantize the result"
+    for model in inputs:
+        config = model.reader.config or {}
+        quantization = config.get("quantization_config")
+        if quantization:
+            kind = quantization.get("quant_method", "unknown method") if isinstance(quantization, dict) else "unknown"
+            problems.add(f"{model.label} is quantized (config.json has quantization_config, {kind})", hint=hint)
+            continue
+        for name, info in model.reader.tensors.items():
+            packed = any(marker in name for marker in _QUANTIZED_MARKERS)
+            integer_weight = info.dtype not in FLOAT_DTYPES and name.endswith(".weight")
+            if packed or integer_weight:
+                problems.add(f"{model.label} is quantized: tensor {name} is {str(info.dtype).removeprefix('torch.')}",
+                             hint=hint)
+                break
+    if problems:
+        problems.raise_as(InputError)
+
+
+def _dominant_float_dtype(model: InputModel) -> torch.dtype:
+    counts: Counter[torch.dtype] = Counter()
+    for info in model.reader.tensors.values():
+        if info.dtype in FLOAT_DTYPES:
+            counts[info.dtype] += info.nbytes
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def _head_alias(reader: CheckpointReader, name: str) -> str | None:
+    """For a tied input without a stored head, the embedding that transformers uses as its head."""
+    if not architecture.is_head(name) or name in reader.tensors:
+        return None
+    if architecture.tied_head_names(reader.config, reader.tensors):
+        embeddings = [n for n in reader.tensors if architecture.is_vocab_tensor(n) and not architecture.is_head(n)]
+        if len(embeddings) == 1:
+            return embeddings[0]
+    return None
+
+
+def _plan_tensors(recipe: Recipe, method: MergeMethod, base: InputModel | None, models: list[InputModel],
+                  reference: InputModel, out_dtype: torch.dtype) -> tuple[list[TensorJob], list[tuple[str, str]]]:
+    problems = _Problems()
+    param_problems = _Problems()
+    ref_names = set(reference.reader.tensors)
+    tied = architecture.tied_head_names(reference.reader.config, ref_names)
+    dropped = [(name, "tied to the input embedding by tie_word_embeddings in the output config")
+               for name in sorted(tied & ref_names)]
+
+    # Tensors an input has beyond the reference would be lost silently; report them.
+    for model in [m for m in (base, *models) if m is not None and m is not reference]:
+        for name in sorted(set(model.reader.tensors) - ref_names - tied):
+            problems.add(f"present in {model.label} but not in {reference.label}", name,
+                         hint="merge checkpoints of the same architecture and size")
+
+    num_layers = architecture.count_layers(reference.reader.config, ref_names)
+    jobs: list[TensorJob] = []
+    for name in sorted(ref_names - tied, key=architecture.sort_key):
+        info = reference.reader.tensors[name]
+        if info.dtype not in FLOAT_DTYPES:
+            jobs.append(TensorJob(name, "copy", PlannedTensor(name, info.dtype, info.shape),
+                                  models=(TensorRead(reference, info),)))
+            continue
+        reads = _gather_reads(name, info, models, reference, problems)
+        base_read = TensorRead(base, base.reader.tensors[name]) if method.requires_base and base else None
+        if reads is None:
+            continue
+        position = architecture.layer_position(name, num_layers)
+        params, model_params = resolve_tensor_parameters(
+            method, recipe.parameters, [recipe.models[m.index].parameters for m in models], name, position)
+        _check_params(method, params, model_params, name, param_problems)
+        seeds = tuple(derive_seed(recipe.seed, name, m.index) for m in models) if method.randomized else ()
+        jobs.append(TensorJob(name, "merge", PlannedTensor(name, out_dtype, info.shape), base=base_read,
+                              models=tuple(reads), params=params, model_params=tuple(model_params), seeds=seeds))
+    if problems:
+        problems.raise_as(InputError)
+    if param_problems:
+        param_problems.raise_as(RecipeError)
+    return jobs, dropped
+
+
+def _gather_reads(name: str, ref_info: TensorInfo, inputs: list[InputModel], reference: InputModel,
+                  problems: _Problems) -> list[TensorRead] | None:
+    reads: list[TensorRead] = []
+    ok = True
+    for model in inputs:
+        stored = name if name in model.reader.tensors else _head_alias(model.reader, name)
+        if stored is None:
+            problems.add(f"missing from {model.label} (present in {reference.label})", name,
+                         hint="merge checkpoints of the same architecture")
+            ok = False
+            continue
+        info = model.reader.tensors[stored]
+        if info.shape != ref_info.shape:
+            _report_shape_mismatch(name, info, model, ref_info, reference, problems)
+            ok = False
+            continue
+        if info.dtype not in FLOAT_DTYPES:
+            problems.add(f"is {info.dtype} in {model.label} but floating-point in {reference.label}", name)
+            ok = False
+            continue
+        reads.append(TensorRead(model, info))
+    return reads if ok else None
+
+
+def _report_shape_mismatch(name: str, info: TensorInfo, model: InputModel, ref_info: TensorInfo,
+                           reference: InputModel, problems: _Problems) -> None:
+    shapes = f"shape {list(info.shape)} in {model.label} but {list(ref_info.shape)} in {reference.label}"
+    if architecture.is_vocab_tensor(name) and info.shape[1:] == ref_info.shape[1:]:
+        problems.add(
+            f"{shapes}: the vocabularies differ ({info.shape[0]} vs {ref_info.shape[0]} tokens)", name,
+            hint="inputs with different vocabularies need a vocabulary policy, which mergekit_plus does not "
+                 "have yet (a `tokenizer: {source: union}` policy is planned); until then resize every input to "
+                 "the same tokenizer (`resize_token_embeddings`) before merging")
+    else:
+        problems.add(f"{shapes}; shapes must match exactly (they are never broadcast)", name,
+                     hint="merge checkpoints of the same architecture and size")
+
+
+def _check_params(method: MergeMethod, params: Mapping[str, Any], model_params: list[dict[str, Any]],
+                  name: str, problems: _Problems) -> None:
+    for key, value in params.items():
+        if value is REQUIRED:
+            problems.add(f"method `{method.name}` needs parameter `{key}`; set it under `parameters:`")
+    for values in model_params:
+        for key, value in values.items():
+            if value is REQUIRED:
+                problems.add(f"method `{method.name}` needs `{key}` for every model; set it under each "
+                             "model's `parameters:` or in the top-level `parameters:`")
+    if method.check is not None:
+        for message in method.check(params, model_params):
+            problems.add(message, name)

@@ -1,0 +1,81 @@
+"""Human and JSON descriptions of a plan, for `merge plan`."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from mergekit_plus.plan import DTYPE_NAMES, Plan
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.3f} GB" if size >= 1e7 else f"{size / 1e6:.3f} MB"
+
+
+def _dtype_name(dtype: Any) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def plan_summary(plan: Plan, *, with_tensors: bool = False) -> dict[str, Any]:
+    """The plan as plain data."""
+    actions = Counter(job.action for job in plan.jobs)
+    summary: dict[str, Any] = {
+        "method": plan.method.name,
+        "inputs": [
+            {"role": i.role, "reference": i.source.reference, "folder": str(i.source.folder),
+             "hub_id": i.source.hub_id, "commit": i.source.commit, "files": [f.name for f in i.reader.files],
+             "tensors": len(i.reader.tensors)}
+            for i in plan.inputs
+        ],
+        "output": str(plan.output) if plan.output else None,
+        "shards": [{"file": s.file_name, "bytes": s.size, "tensors": len(s.offsets)} for s in plan.layout.shards],
+        "total_bytes": plan.layout.total_size,
+        "compute_dtype": _dtype_name(plan.compute_dtype),
+        "out_dtype": _dtype_name(plan.out_dtype),
+        "seed": plan.recipe.seed,
+        "tensors": {"merge": actions.get("merge", 0), "copy": actions.get("copy", 0), "dropped": len(plan.dropped)},
+        "dropped": [{"tensor": name, "reason": reason} for name, reason in plan.dropped],
+        "tokenizer_source": plan.tokenizer_source.reference,
+        "peak_memory_estimate_bytes": plan.peak_bytes_estimate,
+    }
+    if with_tensors:
+        summary["jobs"] = [
+            {"tensor": job.name, "action": job.action, "shape": list(job.output.shape),
+             "dtype": _dtype_name(job.output.dtype),
+             "shard": plan.layout.shard_of(job.name).file_name,
+             "reads": [f"{read.input.label}:{read.info.name}" for read in job.reads],
+             "params": dict(job.params), "model_params": [dict(p) for p in job.model_params]}
+            for job in plan.jobs
+        ]
+    return summary
+
+
+def describe_plan(plan: Plan, *, with_tensors: bool = False) -> str:
+    """The plan as text: inputs, output, tensor counts, dropped tensors, memory."""
+    summary = plan_summary(plan, with_tensors=with_tensors)
+    lines = [f"method: {plan.method.name} ({plan.method.title})", "inputs:"]
+    for item, model in zip(summary["inputs"], plan.inputs):
+        pinned = f" @ {item['commit']}" if item["commit"] else ""
+        size = sum(info.nbytes for info in model.reader.tensors.values())
+        lines.append(f"  {item['role']:<5} {item['reference']}{pinned}  ({len(item['files'])} file(s), "
+                     f"{item['tensors']} tensors, {_gb(size)})")
+    counts = summary["tensors"]
+    lines += [
+        f"output: {summary['output'] or '(none set: pass --output)'}  ({len(summary['shards'])} shard(s), "
+        f"{_gb(summary['total_bytes'])}, stored as {summary['out_dtype']}, computed in {summary['compute_dtype']})",
+        f"tensors: {counts['merge']} merged, {counts['copy']} copied from the base, {counts['dropped']} dropped",
+    ]
+    lines += [f"  dropped {item['tensor']}: {item['reason']}" for item in summary["dropped"]]
+    lines += [
+        f"tokenizer and side files from: {summary['tokenizer_source']}",
+        f"seed: {summary['seed']}",
+        f"peak memory estimate: {_gb(summary['peak_memory_estimate_bytes'])}",
+    ]
+    if with_tensors:
+        lines.append("tensors:")
+        for job in summary["jobs"]:
+            params = ", ".join(f"{k}={v}" for k, v in job["params"].items())
+            per_model = "; ".join(", ".join(f"{k}={v}" for k, v in p.items()) for p in job["model_params"])
+            lines.append(f"  {job['tensor']} {job['shape']} {job['action']} -> {job['shard']}"
+                         + (f"  [{params}]" if params else "") + (f"  models: [{per_model}]" if per_model else ""))
+    return "\n".join(lines)
