@@ -1,0 +1,1 @@
+"""The checkpoint room: resolving sources, lazy per-tensor reads, shard writing and side files."""
