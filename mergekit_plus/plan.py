@@ -254,15 +254,22 @@ def _check_not_quantized(inputs: list[InputModel]) -> None:
             kind = quantization.get("quant_method", "unknown method") if isinstance(quantization, dict) else "unknown"
             problems.add(f"{model.label} is quantized (config.json has quantization_config, {kind})", hint=hint)
             continue
-        for name, info in model.reader.tensors.items():
-            packed = any(marker in name for marker in _QUANTIZED_MARKERS)
-            integer_weight = info.dtype not in FLOAT_DTYPES and name.endswith(".weight")
-            if packed or integer_weight:
-                problems.add(f"{model.label} is quantized: tensor {name} is {str(info.dtype).removeprefix('torch.')}",
-                             hint=hint)
-                break
+        evidence = _quantized_tensor(model.reader)
+        if evidence is not None:
+            problems.add(f"{model.label} is quantized: {evidence}", hint=hint)
     if problems:
         problems.raise_as(InputError)
+
+
+def _quantized_tensor(reader: CheckpointReader) -> str | None:
+    """Describe the tensor that shows a checkpoint is quantized: an integer weight first, else a packed name."""
+    for name, info in reader.tensors.items():
+        if info.dtype not in FLOAT_DTYPES and name.endswith(".weight"):
+            return f"tensor {name} is {str(info.dtype).removeprefix('torch.')}"
+    for name in reader.tensors:
+        if any(marker in name for marker in _QUANTIZED_MARKERS):
+            return f"tensor {name} is a quantization tensor"
+    return None
 
 
 def _dominant_float_dtype(model: InputModel) -> torch.dtype:
