@@ -1,4 +1,4 @@
-"""What a tensor name means: its layer, its role (embedding, head), tied weights. Reads no tensor data."""
+"""The meaning of tensor names: layer index, role (embedding, head), tied weights. Reads no tensor data."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def is_head(tensor_name: str) -> bool:
 
 
 def count_layers(config: Mapping[str, Any] | None, tensor_names: Iterable[str]) -> int:
-    """Return the number of blocks: from the config when it says, else from the tensor names."""
+    """Return the number of blocks: from the config when it has the count, else from the tensor names."""
     if config:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             value = config.get(key)
@@ -71,7 +71,7 @@ def is_after_layers(tensor_name: str) -> bool:
 
 
 def ties_word_embeddings(config: Mapping[str, Any] | None) -> bool:
-    """Whether the config ties the output head to the input embedding.
+    """Return whether the config ties the output head to the input embedding.
 
     transformers' own default is True when the key is absent.
     """

@@ -31,7 +31,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on s
 
 
 def _setup_logging(*, verbose: bool, quiet: bool) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    level = logging.INFO
+    if verbose:
+        level = logging.DEBUG
+    elif quiet:
+        level = logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
     logger.handlers[:] = [handler]

@@ -147,20 +147,20 @@ def _run_job(plan: Plan, job: TensorJob, tensors: list[torch.Tensor], device: to
 
 
 def _check_finite_input(name: str, label: str, tensor: torch.Tensor) -> None:
-    # A sum is one fast pass and is finite whenever every element is (weights never come near
-    # float32's range in a sum); only a non-finite sum needs the exact count.
+    # A sum is one fast pass, and it is finite exactly when every element is, unless the sum
+    # overflows float32. Only a non-finite sum needs the exact count.
     if tensor.numel() == 0 or math.isfinite(float(tensor.sum(dtype=torch.float32))):
         return
     bad = int((~torch.isfinite(tensor)).sum())
     if bad:
-        raise MergeValueError(f"tensor {name}: {label} holds {bad} NaN or infinite values",
+        raise MergeValueError(f"tensor {name}: {label} contains {bad} NaN or infinite values",
                               hint="that input is broken; fix or download it again before merging")
 
 
 def _fit_to_dtype(name: str, result: torch.Tensor, out_dtype: torch.dtype, *, clamp: bool) -> torch.Tensor:
     finite = math.isfinite(float(result.sum(dtype=torch.float32))) or bool(torch.isfinite(result).all())
     if not finite:
-        raise MergeValueError(f"tensor {name}: the merged values hold NaN or infinity",
+        raise MergeValueError(f"tensor {name}: the merged values contain NaN or infinity",
                               hint="check the method's parameters (weights, lambda) for this tensor")
     limit = torch.finfo(out_dtype).max
     if limit >= torch.finfo(result.dtype).max:

@@ -1,8 +1,9 @@
 """The plan: every output tensor with its inputs, operator and parameters, built from headers alone.
 
-Every check that can run before the first write runs here: inputs found and readable, shard headers
-valid, tensors present in every input, equal shapes (never broadcast), float dtypes, no quantized
-weights, method parameters valid for every tensor, and the output folder writable.
+Every check that can run before the first write runs here. Inputs must be found and readable, with
+valid shard headers. Every tensor must be present in every input with the same shape (shapes are
+never broadcast) and a float dtype, and no input may be quantized. Method parameters must be valid
+for every tensor, and the output folder must be writable.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class TensorRead:
 
 @dataclass(frozen=True)
 class TensorJob:
-    """How one output tensor is produced: `merge` runs the operator, `copy` stores one input's tensor."""
+    """The recipe for one output tensor: `merge` runs the operator, `copy` stores one input's tensor."""
 
     name: str
     action: str
@@ -145,7 +146,7 @@ class _Problems:
 
 
 def derive_seed(seed: int, tensor_name: str, model_index: int) -> int:
-    """A 63-bit seed that depends only on the recipe seed, the tensor name and the model's position."""
+    """Derive a 63-bit seed from only the recipe seed, the tensor name and the model's position."""
     digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{model_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 

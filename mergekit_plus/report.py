@@ -17,7 +17,7 @@ def _dtype_name(dtype: Any) -> str:
 
 
 def plan_summary(plan: Plan, *, with_tensors: bool = False) -> dict[str, Any]:
-    """The plan as plain data."""
+    """Return the plan as plain data (for --json)."""
     actions = Counter(job.action for job in plan.jobs)
     summary: dict[str, Any] = {
         "method": plan.method.name,
@@ -51,7 +51,7 @@ def plan_summary(plan: Plan, *, with_tensors: bool = False) -> dict[str, Any]:
 
 
 def describe_plan(plan: Plan, *, with_tensors: bool = False) -> str:
-    """The plan as text: inputs, output, tensor counts, dropped tensors, memory."""
+    """Describe the plan as text: inputs, output, tensor counts, dropped tensors, memory."""
     summary = plan_summary(plan, with_tensors=with_tensors)
     lines = [f"method: {plan.method.name} ({plan.method.title})", "inputs:"]
     for item, model in zip(summary["inputs"], plan.inputs):
@@ -76,6 +76,10 @@ def describe_plan(plan: Plan, *, with_tensors: bool = False) -> str:
         for job in summary["jobs"]:
             params = ", ".join(f"{k}={v}" for k, v in job["params"].items())
             per_model = "; ".join(", ".join(f"{k}={v}" for k, v in p.items()) for p in job["model_params"])
-            lines.append(f"  {job['tensor']} {job['shape']} {job['action']} -> {job['shard']}"
-                         + (f"  [{params}]" if params else "") + (f"  models: [{per_model}]" if per_model else ""))
+            line = f"  {job['tensor']} {job['shape']} {job['action']} -> {job['shard']}"
+            if params:
+                line += f"  [{params}]"
+            if per_model:
+                line += f"  models: [{per_model}]"
+            lines.append(line)
     return "\n".join(lines)

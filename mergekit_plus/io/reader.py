@@ -1,8 +1,8 @@
 """Lazy per-tensor reading of checkpoints, with every shard header checked up front.
 
 Safetensors shards are read with positional reads (`os.preadv`) into a fresh buffer per tensor, not
-memory-mapped: a mapped file keeps its touched pages in the process's resident set, so reading a
-large model through a map grows RSS with the model, while a read of one tensor costs one tensor.
+memory-mapped. A mapped file keeps its touched pages in the process's resident set, so reading a
+large model through a map grows RSS with the model. A positional read of one tensor costs one tensor.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,7 +118,6 @@ class CheckpointReader:
         self.tensors: dict[str, TensorInfo] = {}
         self.files: list[Path] = []
         self._torch_files: dict[Path, dict[str, torch.Tensor]] = {}
-        self._lock = threading.Lock()
         self._scan()
 
     @property

@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-# What a merge needs from a Hub repo: weights, configs and tokenizer files, no README images or ONNX.
+# Files a merge needs from a Hub repo: weights, configs and tokenizer files, no README images or ONNX.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 _HUB_BIN_PATTERNS = ["*.json", "pytorch_model*.bin", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 

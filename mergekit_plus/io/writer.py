@@ -1,7 +1,7 @@
 """Shard writing: layout, headers, the index, and the atomic move of the finished folder into place.
 
-The plan knows the name, dtype and shape of every output tensor before the first one is merged, so
-each shard's safetensors header is computed up front and written first; each merged tensor is then
+The plan fixes the name, dtype and shape of every output tensor before the first one is merged, so
+each shard's safetensors header is computed up front and written first. Each merged tensor is then
 written at its offset as soon as it is ready. No shard is ever buffered in memory, the bytes do not
 depend on the order in which tensors finish, and a tensor that shares memory with another (tied
 weights, views) is simply written twice as separate bytes.
@@ -177,8 +177,8 @@ def _pwrite_all(descriptor: int, view: memoryview, offset: int) -> None:
 class StagedOutput:
     """A temporary folder beside the output, moved into place only by `commit`.
 
-    A failed or killed merge leaves nothing under the output name; the temporary folder of a killed
-    run is removed by the next run for the same output.
+    A failed or killed merge leaves nothing under the output name. The next run for the same output
+    removes the temporary folder of a killed run.
     """
 
     def __init__(self, output: Path, *, overwrite: bool) -> None:

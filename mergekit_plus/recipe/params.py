@@ -19,7 +19,7 @@ _UNSET = object()
 
 @dataclass(frozen=True)
 class LayerPosition:
-    """Where a tensor sits along the depth of the model, for gradients.
+    """The position of a tensor along the depth of the model, for gradients.
 
     `fraction` is 0.0 for tensors before the first layer (embeddings), layer_index / (num_layers - 1)
     inside the layers, and 1.0 after the last layer (final norm, head).
@@ -29,7 +29,7 @@ class LayerPosition:
 
 
 def filter_matches(pattern: str, tensor_name: str) -> bool:
-    """A filter is a glob when it holds *, ? or [; otherwise a substring of the tensor name."""
+    """Match a filter against a tensor name: as a glob when it contains *, ? or [, else as a substring."""
     if _GLOB_CHARS & set(pattern):
         return fnmatch.fnmatchcase(tensor_name, pattern)
     return pattern in tensor_name

@@ -141,7 +141,7 @@ MODEL_KEYS = tuple(ModelSpec.model_fields)
 OUTPUT_KEYS = tuple(OutputSpec.model_fields)
 TOKENIZER_KEYS = tuple(TokenizerSpec.model_fields)
 
-# mergekit keys we do not support, with the reason, so the error says more than "unknown key".
+# mergekit keys we do not support, with the reason, so the error explains more than "unknown key".
 UNSUPPORTED_MERGEKIT_KEYS = {
     "slices": "layer slicing (passthrough/frankenmerges) is not supported; list whole models under `models`",
     "chat_template": "set the chat template through the tokenizer source's tokenizer_config.json",

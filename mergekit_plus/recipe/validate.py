@@ -61,7 +61,7 @@ def _unique(problems: list[str]) -> list[str]:
 
 
 def _keys_at(path: YamlPath) -> tuple[str, ...]:
-    """The valid keys of the mapping at `path` in the recipe schema, or () when keys are free-form."""
+    """Return the valid keys of the mapping at `path` in the recipe schema, or () when keys are free-form."""
     if not path:
         return TOP_LEVEL_KEYS
     if path[0] == "models" and len(path) == 2:
