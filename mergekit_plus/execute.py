@@ -137,13 +137,56 @@ def _run_job(plan: Plan, job: TensorJob, tensors: list[torch.Tensor], device: to
     for read, tensor in zip(job.reads, tensors):
         _check_finite_input(job.name, read.input.label, tensor)
     converted = [tensor.to(device=device, dtype=plan.compute_dtype) for tensor in tensors]
-    base = converted[0] if job.base is not None else None
-    models = converted[1:] if job.base is not None else converted
-    result = plan.method.operator(base, models, params=job.params, model_params=job.model_params, seeds=job.seeds)
-    del converted, base, models
+    if job.row_maps is not None:
+        result = _merge_aligned_rows(plan, job, converted)
+    else:
+        base = converted[0] if job.base is not None else None
+        models = converted[1:] if job.base is not None else converted
+        result = plan.method.operator(base, models, params=job.params, model_params=job.model_params,
+                                      seeds=job.seeds)
+        del base, models
+    del converted
 
     result = _fit_to_dtype(job.name, result, plan.out_dtype, clamp=plan.recipe.output.clamp_out_of_range)
     return result.to(device="cpu", dtype=plan.out_dtype)
+
+
+def _merge_aligned_rows(plan: Plan, job: TensorJob, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Merge a vocabulary tensor whose inputs hold different sets of tokens.
+
+    Rows are grouped by which inputs hold their token, and each group is merged from those inputs
+    alone. Rows that the base lacks (added tokens) are the mean of the models that hold them, so a
+    token added by one model keeps that model's row. Rows that only the base holds keep the base row.
+    """
+    device = tensors[0].device
+    maps = [row_map.to(device) for row_map in job.row_maps]
+    has_base = job.base is not None
+    present = torch.stack([row_map >= 0 for row_map in maps]).to(torch.int64)
+    shifts = torch.arange(len(maps), device=device).unsqueeze(1)
+    codes = (present << shifts).sum(0)
+    result = torch.empty(job.output.shape, dtype=tensors[0].dtype, device=device)
+
+    for code in torch.unique(codes).tolist():
+        rows = (codes == code).nonzero().squeeze(1)
+        members = [index for index in range(len(maps)) if code >> index & 1]
+        gathered = {index: tensors[index][maps[index][rows]] for index in members}
+        model_members = [index for index in members if not (has_base and index == 0)]
+        model_positions = [index - 1 if has_base else index for index in model_members]
+        base_present = has_base and 0 in members
+
+        if has_base and not base_present:
+            result[rows] = torch.stack([gathered[index] for index in model_members]).mean(0)
+        elif base_present and not model_members:
+            result[rows] = gathered[0]
+        else:
+            result[rows] = plan.method.operator(
+                gathered[0] if base_present else None,
+                [gathered[index] for index in model_members],
+                params=job.params,
+                model_params=[job.model_params[position] for position in model_positions],
+                seeds=[job.seeds[position] for position in model_positions] if job.seeds else (),
+            )
+    return result
 
 
 def _check_finite_input(name: str, label: str, tensor: torch.Tensor) -> None:

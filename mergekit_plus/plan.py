@@ -22,6 +22,7 @@ from mergekit_plus import architecture
 from mergekit_plus.errors import InputError, MergeError, RecipeError
 from mergekit_plus.io.reader import CheckpointReader, TensorInfo
 from mergekit_plus.io.sources import ModelSource, resolve_source
+from mergekit_plus.io.vocab import read_vocabulary
 from mergekit_plus.io.writer import CheckpointLayout, PlannedTensor, StagedOutput, plan_layout
 from mergekit_plus.methods import get_method
 from mergekit_plus.methods.base import REQUIRED, MergeMethod
@@ -73,6 +74,9 @@ class TensorJob:
     params: Mapping[str, Any] = field(default_factory=dict)
     model_params: tuple[Mapping[str, Any], ...] = ()
     seeds: tuple[int, ...] = ()
+    row_maps: tuple[torch.Tensor, ...] | None = None
+    """For vocabulary tensors under `tokenizer.vocab: align`: one map per read (base first), giving for
+    each output row the input row that holds the same token, or -1 where that input lacks the token."""
 
     @property
     def reads(self) -> tuple[TensorRead, ...]:
@@ -182,7 +186,15 @@ def build_plan(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
     config = reference.reader.config
     compute_dtype = DTYPES[recipe.dtype]
     out_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else _dominant_float_dtype(reference)
-    jobs, dropped = _plan_tensors(recipe, method, base, models, reference, out_dtype)
+    alignment = None
+    if recipe.vocab_policy == "align":
+        source_input = next(i for i in (base, *models) if i is not None and i.source is tokenizer_source)
+        alignment = VocabAlignment.build([i for i in (base, *models) if i is not None], source_input)
+    jobs, dropped = _plan_tensors(recipe, method, base, models, reference, out_dtype, alignment)
+    if alignment is not None and config is not None:
+        vocab_rows = [job.output.shape[0] for job in jobs if job.row_maps is not None]
+        if vocab_rows:
+            config = {**config, "vocab_size": vocab_rows[0]}
 
     # 4. Shards and memory.
     layout = plan_layout([job.output for job in jobs], max_shard_bytes=recipe.shard_size_bytes,
@@ -293,7 +305,8 @@ def _head_alias(reader: CheckpointReader, name: str) -> str | None:
 
 
 def _plan_tensors(recipe: Recipe, method: MergeMethod, base: InputModel | None, models: list[InputModel],
-                  reference: InputModel, out_dtype: torch.dtype) -> tuple[list[TensorJob], list[tuple[str, str]]]:
+                  reference: InputModel, out_dtype: torch.dtype,
+                  alignment: VocabAlignment | None) -> tuple[list[TensorJob], list[tuple[str, str]]]:
     problems = _Problems()
     param_problems = _Problems()
     ref_names = set(reference.reader.tensors)
@@ -315,17 +328,25 @@ def _plan_tensors(recipe: Recipe, method: MergeMethod, base: InputModel | None, 
             jobs.append(TensorJob(name, "copy", PlannedTensor(name, info.dtype, info.shape),
                                   models=(TensorRead(reference, info),)))
             continue
-        reads = _gather_reads(name, info, models, reference, problems)
+        aligned = alignment is not None and architecture.is_vocab_tensor(name)
+        reads = _gather_reads(name, info, models, reference, problems, rows_may_differ=aligned)
         base_read = TensorRead(base, base.reader.tensors[name]) if method.requires_base and base else None
         if reads is None:
             continue
+        shape = info.shape
+        row_maps = None
+        if aligned:
+            all_reads = ([base_read] if base_read else []) + reads
+            shape = (alignment.output_rows(name), *info.shape[1:])
+            row_maps = tuple(alignment.row_map(read.input, read.info.shape[0], shape[0]) for read in all_reads)
         position = architecture.layer_position(name, num_layers)
         params, model_params = resolve_tensor_parameters(
             method, recipe.parameters, [recipe.models[m.index].parameters for m in models], name, position)
         _check_params(method, params, model_params, name, param_problems)
         seeds = tuple(derive_seed(recipe.seed, name, m.index) for m in models) if method.randomized else ()
-        jobs.append(TensorJob(name, "merge", PlannedTensor(name, out_dtype, info.shape), base=base_read,
-                              models=tuple(reads), params=params, model_params=tuple(model_params), seeds=seeds))
+        jobs.append(TensorJob(name, "merge", PlannedTensor(name, out_dtype, shape), base=base_read,
+                              models=tuple(reads), params=params, model_params=tuple(model_params), seeds=seeds,
+                              row_maps=row_maps))
     if problems:
         problems.raise_as(InputError)
     if param_problems:
@@ -334,7 +355,7 @@ def _plan_tensors(recipe: Recipe, method: MergeMethod, base: InputModel | None, 
 
 
 def _gather_reads(name: str, ref_info: TensorInfo, inputs: list[InputModel], reference: InputModel,
-                  problems: _Problems) -> list[TensorRead] | None:
+                  problems: _Problems, *, rows_may_differ: bool = False) -> list[TensorRead] | None:
     reads: list[TensorRead] = []
     ok = True
     for model in inputs:
@@ -345,7 +366,8 @@ def _gather_reads(name: str, ref_info: TensorInfo, inputs: list[InputModel], ref
             ok = False
             continue
         info = model.reader.tensors[stored]
-        if info.shape != ref_info.shape:
+        same_shape = info.shape[1:] == ref_info.shape[1:] if rows_may_differ else info.shape == ref_info.shape
+        if not same_shape:
             _report_shape_mismatch(name, info, model, ref_info, reference, problems)
             ok = False
             continue
@@ -363,9 +385,8 @@ def _report_shape_mismatch(name: str, info: TensorInfo, model: InputModel, ref_i
     if architecture.is_vocab_tensor(name) and info.shape[1:] == ref_info.shape[1:]:
         problems.add(
             f"{shapes}: the vocabularies differ ({info.shape[0]} vs {ref_info.shape[0]} tokens)", name,
-            hint="inputs with different vocabularies need a vocabulary policy, which mergekit_plus does not "
-                 "have yet (a `tokenizer: {source: union}` policy is planned); until then resize every input to "
-                 "the same tokenizer (`resize_token_embeddings`) before merging")
+            hint="to match embedding rows by token, set `tokenizer: {source: MODEL, vocab: align}` with MODEL "
+                 "the input whose tokenizer contains every input's tokens (usually the largest vocabulary)")
     else:
         problems.add(f"{shapes}; shapes must match exactly (they are never broadcast)", name,
                      hint="merge checkpoints of the same architecture and size")
@@ -384,3 +405,62 @@ def _check_params(method: MergeMethod, params: Mapping[str, Any], model_params: 
     if method.check is not None:
         for message in method.check(params, model_params):
             problems.add(message, name)
+
+
+class VocabAlignment:
+    """Matches the embedding and head rows of every input to the tokenizer source's vocabulary by token."""
+
+    def __init__(self, source: InputModel, vocabularies: dict[int, dict[str, int]]) -> None:
+        self.source = source
+        self._vocabularies = vocabularies
+        source_vocabulary = vocabularies[id(source)]
+        size = max(source_vocabulary.values(), default=-1) + 1
+        self._source_tokens: list[str | None] = [None] * size
+        for token, index in source_vocabulary.items():
+            self._source_tokens[index] = token
+
+    @classmethod
+    def build(cls, inputs: list[InputModel], source: InputModel) -> VocabAlignment:
+        """Read every input's vocabulary; raise InputError if the source lacks a token of another input."""
+        vocabularies = {id(model): read_vocabulary(model.source) for model in inputs}
+        source_tokens = vocabularies[id(source)]
+        problems = _Problems()
+        for model in inputs:
+            missing = [token for token in vocabularies[id(model)] if token not in source_tokens]
+            if missing:
+                shown = ", ".join(repr(token) for token in missing[:5])
+                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                problems.add(f"the tokenizer source {source.source.label} lacks {len(missing)} tokens of "
+                             f"{model.label}: {shown}{more}",
+                             hint="choose as `tokenizer.source` an input whose vocabulary contains every input's tokens")
+        if problems:
+            problems.raise_as(InputError)
+        return cls(source, vocabularies)
+
+    def output_rows(self, tensor_name: str) -> int:
+        """The row count of an output vocabulary tensor: the tokenizer source's own row count."""
+        stored = self.source.reader.tensors.get(tensor_name)
+        if stored is None:
+            alias = _head_alias(self.source.reader, tensor_name)
+            stored = self.source.reader.tensors[alias] if alias else None
+        return stored.shape[0] if stored is not None else len(self._source_tokens)
+
+    def row_map(self, model: InputModel, input_rows: int, output_rows: int) -> torch.Tensor:
+        """For each output row, the row of `model` that holds the same token, or -1.
+
+        Rows past the source's vocabulary (padding rows) match by position when `model` has such
+        a row and no token of its own sits there.
+        """
+        vocabulary = self._vocabularies[id(model)]
+        used_rows = set(vocabulary.values())
+        mapping = torch.full((output_rows,), -1, dtype=torch.int64)
+        for row in range(output_rows):
+            token = self._source_tokens[row] if row < len(self._source_tokens) else None
+            if token is not None:
+                found = vocabulary.get(token)
+                if found is not None and found < input_rows:
+                    mapping[row] = found
+            elif row < input_rows and row not in used_rows:
+                mapping[row] = row
+        return mapping
+

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -86,7 +86,14 @@ class OutputSpec(_Strict):
 
 
 class TokenizerSpec(_Strict):
+    """Where the tokenizer comes from, and how embedding rows of different vocabularies are matched.
+
+    `vocab: strict` requires equal vocabulary tensors. `vocab: align` matches rows by token string to
+    the source's vocabulary; a row that some inputs lack is merged from the inputs that have it.
+    """
+
     source: str = "base"
+    vocab: Literal["strict", "align"] = "strict"
 
 
 class Recipe(_Strict):
@@ -129,6 +136,10 @@ class Recipe(_Strict):
         if self.tokenizer is not None:
             return self.tokenizer.source
         return self.tokenizer_source or "base"
+
+    @property
+    def vocab_policy(self) -> str:
+        return self.tokenizer.vocab if self.tokenizer is not None else "strict"
 
     @property
     def shard_size_bytes(self) -> int:
