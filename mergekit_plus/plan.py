@@ -209,13 +209,17 @@ def build_plan(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
 
 
 def estimate_peak_bytes(jobs: list[TensorJob], compute_dtype: torch.dtype, prefetch: int = 2) -> int:
-    """Estimate peak memory: the largest job's inputs and two temporaries in the compute dtype,
-    plus the raw reads of the jobs being prefetched. Shards are never buffered."""
+    """Estimate peak memory in bytes; shards are never buffered.
+
+    The largest job holds its inputs converted to the compute dtype, one task vector per model and
+    two more temporaries (the TIES operator's need, the largest of the methods), plus the raw reads
+    of the jobs being prefetched.
+    """
     if not jobs:
         return 0
     largest = max(jobs, key=lambda job: job.output.nbytes)
     numel = largest.output.nbytes // largest.output.dtype.itemsize
-    working = numel * compute_dtype.itemsize * (len(largest.reads) + 2)
+    working = numel * compute_dtype.itemsize * (2 * len(largest.reads) + 2)
     prefetched = sum(sorted((job.input_bytes for job in jobs), reverse=True)[:prefetch])
     return working + prefetched
 
