@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/python -c "from transformers import AutoModelForCausalLM, AutoTokenizer; \
 	m = AutoModelForCausalLM.from_pretrained('build/merged/ties'); t = AutoTokenizer.from_pretrained('build/merged/ties'); \
 	out = m.generate(**t('hello', return_tensors='pt'), max_new_tokens=8, do_sample=False); \
-	print('generated:', repr(t.decode(out[0])))"
+	print('generated:', repr(t.decode(out[0])), '(random tiny weights: the text means nothing; this checks that the merge loads and runs)')"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -12,6 +13,7 @@ import typer
 
 from mergekit_plus import __version__
 from mergekit_plus.errors import MergeError
+from mergekit_plus.sizes import format_size
 from mergekit_plus.methods import list_methods
 from mergekit_plus.methods.base import REQUIRED
 
@@ -25,7 +27,7 @@ app = typer.Typer(
 
 logger = logging.getLogger("mergekit_plus")
 
-RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)]
+RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False, metavar="RECIPE")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log per-tensor detail and show tracebacks.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of text.")]
 
@@ -50,6 +52,13 @@ def _fail(error: MergeError, *, verbose: bool) -> None:
     raise typer.Exit(error.exit_code)
 
 
+def _fail_json(error: MergeError) -> None:
+    problems = getattr(error, "problems", None) or [error.message]
+    typer.echo(json.dumps({"valid": False, "exit_code": error.exit_code, "errors": problems,
+                           "hint": error.hint}, indent=2))
+    raise typer.Exit(error.exit_code)
+
+
 def _load(recipe_path: Path) -> tuple[Any, dict[str, Any]]:
     from mergekit_plus.recipe.validate import parse_recipe
     from mergekit_plus.recipe.yaml_lines import load_recipe_file
@@ -61,6 +70,9 @@ def _load(recipe_path: Path) -> tuple[Any, dict[str, Any]]:
 @app.command()
 def run(
     recipe: RecipeArg,
+    output_folder: Annotated[Optional[Path], typer.Argument(
+        help="Output folder, as mergekit-yaml takes it; same as --output.", show_default=False,
+        metavar="OUTPUT")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder; overrides `output.path`.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")] = False,
     device: Annotated[str, typer.Option(help="Where operators run: cpu, cuda, cuda:N or auto.")] = "cpu",
@@ -72,15 +84,25 @@ def run(
     from mergekit_plus.plan import build_plan
 
     _setup_logging(verbose=verbose, quiet=quiet)
+    if output is not None and output_folder is not None and output != output_folder:
+        _fail(MergeError(f"two output folders given: {output_folder} and --output {output}",
+                         hint="give the output folder once"), verbose=verbose)
+    # A terminated run (timeout, a job scheduler) cleans up like an interrupted one.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         select_device(device)
         parsed, data = _load(recipe)
-        plan = build_plan(parsed, output=output, overwrite=force)
+        plan = build_plan(parsed, output=output or output_folder, overwrite=force)
         summary = run_plan(plan, recipe_data=data, device=device, progress=not quiet and sys.stderr.isatty())
     except MergeError as error:
         _fail(error, verbose=verbose)
-    typer.echo(f"merged {summary.tensors} tensors ({summary.total_bytes / 1e9:.2f} GB) into {summary.output} "
-               f"in {summary.seconds:.1f} s", err=quiet)
+    if not quiet:
+        typer.echo(f"merged {summary.tensors} tensors ({format_size(summary.total_bytes)}) into {summary.output} "
+                   f"in {summary.seconds:.1f} s")
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @app.command()
@@ -100,6 +122,8 @@ def plan(
         parsed, _ = _load(recipe)
         built = build_plan(parsed, output=output, overwrite=True, require_output=False)
     except MergeError as error:
+        if as_json:
+            _fail_json(error)
         _fail(error, verbose=verbose)
     if as_json:
         typer.echo(json.dumps(plan_summary(built, with_tensors=tensors), indent=2))
@@ -125,16 +149,16 @@ def validate(
         built = build_plan(parsed, overwrite=True, require_output=False)
     except MergeError as error:
         if as_json:
-            problems = getattr(error, "problems", None) or [error.message]
-            typer.echo(json.dumps({"valid": False, "exit_code": error.exit_code, "errors": problems,
-                                   "hint": error.hint}, indent=2))
-            raise typer.Exit(error.exit_code)
+            _fail_json(error)
         _fail(error, verbose=verbose)
+    notes = [] if parsed.output.path else ["no output.path in the recipe: `merge run` needs -o FOLDER"]
     if as_json:
         typer.echo(json.dumps({"valid": True, "exit_code": 0, "tensors": len(built.jobs),
-                               "inputs": [i.source.label for i in built.inputs]}, indent=2))
+                               "inputs": [i.source.label for i in built.inputs], "notes": notes}, indent=2))
     else:
         typer.echo(f"{recipe}: valid ({len(built.jobs)} tensors from {len(built.inputs)} inputs)")
+        for note in notes:
+            typer.echo(f"note: {note}")
 
 
 @app.command()
@@ -160,7 +184,20 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    """Run the CLI. Usage errors exit with 1, like an invalid recipe, so that 2 always means an input problem."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except typer.TyperException as error:  # click's usage errors derive from it
+        show = getattr(error, "show", None)
+        if show is not None:
+            show()
+        else:
+            typer.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@ checks the result, converts to the stored dtype and hands the tensor to the shar
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from mergekit_plus.errors import MergeError, MergeValueError
+from mergekit_plus.errors import MergeError, MergeValueError, OutputError
 from mergekit_plus.io.sidefiles import (
     InputRecord,
     copy_tokenizer_files,
@@ -69,44 +71,77 @@ def run_plan(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", pr
         raise ValueError("run_plan needs a plan built with an output folder")
     target = select_device(device)
     started = time.perf_counter()
-    staging = plan.staged.begin()
+    with _writing(plan.output):
+        staging = plan.staged.begin()
     writer = ShardWriter(staging, plan.layout)
     try:
         # 1. Tensors, in plan order, with reads running ahead of the merge.
-        writer.open()
+        with _writing(plan.output):
+            writer.open()
         with tqdm(total=plan.layout.total_size, unit="B", unit_scale=True, desc="merging",
                   disable=not progress, leave=False) as bar:
             for job, tensors in _prefetched(plan.jobs):
                 result = _run_job(plan, job, tensors, target)
-                writer.write(job.name, result)
+                with _writing(plan.output):
+                    writer.write(job.name, result)
                 bar.update(job.output.nbytes)
                 logger.debug("%s: %s %s", job.name, job.action, list(job.output.shape))
-        files = writer.finish()
 
         # 2. Side files, after the weights so a failed merge spends no time on them.
-        out_dtype_name = DTYPE_NAMES[plan.out_dtype]
-        if write_config(staging, plan.config, out_dtype=out_dtype_name):
-            files.append("config.json")
-        copied = copy_tokenizer_files(staging, plan.tokenizer_source)
-        write_model_card(
-            staging, method_title=plan.method.title, method_name=plan.method.name, paper=plan.method.paper,
-            inputs=[InputRecord(i.role, i.source) for i in plan.inputs], recipe_data=recipe_data,
-            seed=plan.recipe.seed, compute_dtype=plan.recipe.dtype, out_dtype=out_dtype_name,
-            tokenizer_source=plan.tokenizer_source, copied_files=copied)
-        write_recipe_copy(staging, recipe_data)
-        files += copied + ["README.md", "merge_recipe.yaml"]
+        with _writing(plan.output):
+            files = writer.finish()
+            files += _write_side_files(plan, staging, recipe_data)
 
-        # 3. Only now does anything appear under the output name.
-        plan.staged.commit()
+            # 3. Only now does anything appear under the output name.
+            plan.staged.commit()
     except BaseException:
         writer.close()
         plan.staged.abort()
         raise
 
     seconds = time.perf_counter() - started
-    logger.info("wrote %d tensors, %.2f GB in %d shards to %s in %.1f s", len(plan.jobs),
-                plan.layout.total_size / 1e9, len(plan.layout.shards), plan.output, seconds)
+    logger.debug("wrote %d tensors in %d file(s) to %s in %.1f s", len(plan.jobs), len(plan.layout.shards),
+                 plan.output, seconds)
     return MergeSummary(plan.output, tuple(files), len(plan.jobs), plan.layout.total_size, seconds)
+
+
+def _write_side_files(plan: Plan, staging: Path, recipe_data: dict[str, Any]) -> list[str]:
+    files = []
+    out_dtype_name = DTYPE_NAMES[plan.out_dtype]
+    if write_config(staging, plan.config, out_dtype=out_dtype_name):
+        files.append("config.json")
+    copied = copy_tokenizer_files(staging, plan.tokenizer_source)
+    write_model_card(
+        staging, method_title=plan.method.title, method_name=plan.method.name, paper=plan.method.paper,
+        inputs=[InputRecord(i.role, i.source) for i in plan.inputs], recipe_data=recipe_data,
+        seed=plan.recipe.seed, compute_dtype=plan.recipe.dtype, out_dtype=out_dtype_name,
+        tokenizer_source=plan.tokenizer_source, copied_files=copied, parameters=_effective_parameters(plan))
+    write_recipe_copy(staging, recipe_data)
+    return files + copied + ["README.md", "merge_recipe.yaml"]
+
+
+def _effective_parameters(plan: Plan) -> dict[str, Any]:
+    """Return the method's parameters as the merge used them: recipe values, else the method's defaults."""
+    recipe = plan.recipe
+    merged = {p.name: recipe.parameters.get(p.name, p.default) for p in plan.method.global_params}
+    per_model = [
+        {p.name: model.parameters.get(p.name, recipe.parameters.get(p.name, p.default)) for p in plan.method.model_params}
+        for model in recipe.models
+    ]
+    return {"method": plan.method.name, "parameters": merged,
+            "models": [{"model": model.model, **values} for model, values in zip(recipe.models, per_model)]}
+
+
+@contextmanager
+def _writing(output: Path):
+    """Turn an OSError while writing the output (disk full, permissions) into an OutputError."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or output
+        hint = ("free space on that disk, or choose an output folder on another disk" if exc.errno == errno.ENOSPC
+                else "check that the output's parent folder exists and is writable, or choose another folder")
+        raise OutputError(f"writing the output {output} failed: {exc.strerror or exc} ({where})", hint=hint) from exc
 
 
 def _read_job(job: TensorJob) -> list[torch.Tensor]:

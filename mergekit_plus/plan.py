@@ -28,6 +28,8 @@ from mergekit_plus.methods import get_method
 from mergekit_plus.methods.base import REQUIRED, MergeMethod
 from mergekit_plus.recipe.params import resolve_tensor_parameters
 from mergekit_plus.recipe.schema import Recipe
+from mergekit_plus.recipe.validate import MERGEKIT_IGNORED_PARAMS
+from mergekit_plus.sizes import format_size
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +148,7 @@ class _Problems:
         message = shown[0] if len(shown) == 1 else f"{len(lines)} problems:\n" + "\n".join(f"  - {line}" for line in shown)
         if error_type is RecipeError:
             raise RecipeError(shown)
-        raise error_type(message, hint="; ".join(self.hints) or None)
+        raise error_type(message, hint="\n  fix: ".join(self.hints) or None)
 
 
 def derive_seed(seed: int, tensor_name: str, model_index: int) -> int:
@@ -186,6 +188,7 @@ def build_plan(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
     config = reference.reader.config
     compute_dtype = DTYPES[recipe.dtype]
     out_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else _dominant_float_dtype(reference)
+    _warn_about_mergekit_differences(recipe, out_dtype)
     alignment = None
     if recipe.vocab_policy == "align":
         source_input = next(i for i in (base, *models) if i is not None and i.source is tokenizer_source)
@@ -199,13 +202,27 @@ def build_plan(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
     # 4. Shards and memory.
     layout = plan_layout([job.output for job in jobs], max_shard_bytes=recipe.shard_size_bytes,
                          metadata={"format": "pt"})
+    if staged is not None:
+        staged.check_free_space(layout.total_size)
     plan = Plan(recipe=recipe, method=method, base=base, models=tuple(models), reference=reference,
                 tokenizer_source=tokenizer_source, jobs=tuple(jobs), dropped=tuple(dropped), layout=layout,
                 compute_dtype=compute_dtype, out_dtype=out_dtype, output=output_path, staged=staged,
                 config=config, peak_bytes_estimate=estimate_peak_bytes(jobs, compute_dtype))
-    logger.info("planned %d tensors (%d dropped) into %d shards, %.2f GB, peak memory about %.2f GB",
-                len(jobs), len(dropped), len(layout.shards), layout.total_size / 1e9, plan.peak_bytes_estimate / 1e9)
+    logger.info("planned %d tensors (%d dropped) into %d file(s), %s; tensors in flight need about %s",
+                len(jobs), len(dropped), len(layout.shards), format_size(layout.total_size),
+                format_size(plan.peak_bytes_estimate))
     return plan
+
+
+def _warn_about_mergekit_differences(recipe: Recipe, out_dtype: torch.dtype) -> None:
+    """Log where a mergekit recipe means something else here, so no setting is ignored silently."""
+    if "dtype" in recipe.model_fields_set and recipe.out_dtype is None and DTYPES[recipe.dtype] != out_dtype:
+        logger.warning("`dtype: %s` sets only the compute dtype here; the output is stored as %s like the base. "
+                       "Add `out_dtype: %s` to store it as mergekit would.", recipe.dtype, DTYPE_NAMES[out_dtype],
+                       recipe.dtype)
+    given = set(recipe.parameters).union(*(model.parameters for model in recipe.models))
+    for name in sorted(given & set(MERGEKIT_IGNORED_PARAMS)):
+        logger.warning("`%s`: %s", name, MERGEKIT_IGNORED_PARAMS[name])
 
 
 def estimate_peak_bytes(jobs: list[TensorJob], compute_dtype: torch.dtype, prefetch: int = 2) -> int:
@@ -233,11 +250,12 @@ def _open_inputs(recipe: Recipe) -> tuple[InputModel | None, list[InputModel], M
     specs += [("model", index, spec.model, spec.revision) for index, spec in enumerate(recipe.models)]
 
     for role, index, reference, revision in specs:
+        key = "base_model" if role == "base" else f"models[{index}].model"
         try:
             source = resolve_source(reference, revision)
             opened.append(InputModel(role, index, source, CheckpointReader(source)))
         except InputError as exc:
-            problems.add(exc.message, hint=exc.hint)
+            problems.add(f"{key}: {exc.message}", hint=exc.hint)
             opened.append(None)
     if problems:
         problems.raise_as(InputError)

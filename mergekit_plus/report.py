@@ -6,10 +6,7 @@ from collections import Counter
 from typing import Any
 
 from mergekit_plus.plan import DTYPE_NAMES, Plan
-
-
-def _gb(size: int) -> str:
-    return f"{size / 1e9:.3f} GB" if size >= 1e7 else f"{size / 1e6:.3f} MB"
+from mergekit_plus.sizes import format_size
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -58,18 +55,19 @@ def describe_plan(plan: Plan, *, with_tensors: bool = False) -> str:
         pinned = f" @ {item['commit']}" if item["commit"] else ""
         size = sum(info.nbytes for info in model.reader.tensors.values())
         lines.append(f"  {item['role']:<5} {item['reference']}{pinned}  ({len(item['files'])} file(s), "
-                     f"{item['tensors']} tensors, {_gb(size)})")
+                     f"{item['tensors']} tensors, {format_size(size)})")
     counts = summary["tensors"]
     lines += [
-        f"output: {summary['output'] or '(none set: pass --output)'}  ({len(summary['shards'])} shard(s), "
-        f"{_gb(summary['total_bytes'])}, stored as {summary['out_dtype']}, computed in {summary['compute_dtype']})",
+        f"output: {summary['output'] or '(none: set output.path, or pass -o to merge run)'}  ({len(summary['shards'])} shard(s), "
+        f"{format_size(summary['total_bytes'])}, stored as {summary['out_dtype']}, computed in {summary['compute_dtype']})",
         f"tensors: {counts['merge']} merged, {counts['copy']} copied from the base, {counts['dropped']} dropped",
     ]
     lines += [f"  dropped {item['tensor']}: {item['reason']}" for item in summary["dropped"]]
     lines += [
         f"tokenizer and side files from: {summary['tokenizer_source']}",
         f"seed: {summary['seed']}",
-        f"peak memory estimate: {_gb(summary['peak_memory_estimate_bytes'])}",
+        f"peak memory estimate: {format_size(summary['peak_memory_estimate_bytes'])} for the tensors in flight "
+        "(the Python process and torch add about 0.3 GB)",
     ]
     if with_tensors:
         lines.append("tensors:")

@@ -76,6 +76,7 @@ def write_model_card(
     out_dtype: str,
     tokenizer_source: ModelSource,
     copied_files: Sequence[str],
+    parameters: dict[str, Any] | None = None,
 ) -> None:
     """Write README.md: YAML front matter (base_model lists Hub ids only) and a body naming the inputs."""
     hub_ids = list(dict.fromkeys(record.source.hub_id for record in inputs if record.source.hub_id))
@@ -104,6 +105,17 @@ def write_model_card(
         source = record.source
         revision = source.commit or source.revision or ("local" if not source.hub_id else "")
         lines.append(f"| {record.role} | `{source.reference}` | {revision} |")
+    if parameters is not None:
+        lines += [
+            "",
+            "## Parameters as used",
+            "",
+            "The recipe's values with the method's defaults filled in (values may still vary by tensor).",
+            "",
+            "```yaml",
+            yaml.safe_dump(parameters, sort_keys=False, allow_unicode=True).rstrip(),
+            "```",
+        ]
     lines += [
         "",
         "## Settings",

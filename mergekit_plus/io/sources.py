@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,10 +90,13 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ModelSource:
         if not any(folder.glob("*.safetensors")):
             folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_BIN_PATTERNS))
     except LocalEntryNotFoundError as exc:
-        raise InputError(
-            f"model {label}: not found in the local Hugging Face cache, and downloads are off or failed ({exc})",
-            hint=f"download it first (`hf download {repo_id}`) or unset HF_HUB_OFFLINE",
-        ) from exc
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        where = "downloads are off (HF_HUB_OFFLINE is set)" if offline else "the Hub could not be reached"
+        hint = (f"if it is a local path, check it (relative paths start from {Path.cwd()}); "
+                f"if it is a Hub repo, download it first with `hf download {repo_id}`"
+                + (" or unset HF_HUB_OFFLINE" if offline else ""))
+        raise InputError(f"model {label}: no such local file or folder, and not in the Hugging Face cache; {where}",
+                         hint=hint) from exc
     except GatedRepoError as exc:
         raise InputError(f"model {label}: the repo is gated and this token has no access",
                          hint="accept the model's terms on the Hub and set HF_TOKEN") from exc

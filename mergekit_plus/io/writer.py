@@ -193,9 +193,20 @@ class StagedOutput:
                               hint="pass --force (or set `output.overwrite: true`) to replace it, or choose another folder")
         if self.output.exists() and not self.output.is_dir():
             raise OutputError(f"output {self.output} exists and is not a folder", hint="choose another output path")
-        parent = self.output.parent
-        if parent.exists() and not os.access(parent, os.W_OK):
+        parent = _nearest_existing(self.output.parent)
+        if not parent.is_dir():
+            raise OutputError(f"cannot create the output {self.output}: {parent} is a file, not a folder",
+                              hint="choose an output path under a folder")
+        if not os.access(parent, os.W_OK):
             raise OutputError(f"cannot write in {parent}: permission denied", hint="choose a folder you can write to")
+
+    def check_free_space(self, required: int) -> None:
+        """Raise OutputError when the output's disk has less than `required` bytes free."""
+        free = shutil.disk_usage(_nearest_existing(self.output.parent)).free
+        if free < required:
+            raise OutputError(f"not enough space for the output {self.output}: it needs {required / 1e9:.3g} GB, "
+                              f"the disk has {free / 1e9:.3g} GB free",
+                              hint="free space on that disk, or choose an output folder on another disk")
 
     def begin(self) -> Path:
         self._remove_stale()
@@ -223,6 +234,13 @@ class StagedOutput:
             if pid.isdigit() and not _process_alive(int(pid)):
                 logger.info("removing %s left by an interrupted run", candidate)
                 shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _process_alive(pid: int) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,12 @@ from mergekit_plus.recipe.schema import (
 from mergekit_plus.recipe.yaml_lines import LocatedYaml, YamlPath, format_path, load_recipe_file
 
 FILTER_ENTRY_KEYS = ("filter", "value")
+
+# mergekit parameters that only change how mergekit stores temporaries, never the result. They are
+# accepted so that mergekit recipes run unchanged, and the plan logs that they have no effect here.
+MERGEKIT_IGNORED_PARAMS = {
+    "int8_mask": "masks are never stored as float tensors here, so int8_mask has no effect",
+}
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -46,8 +54,13 @@ def parse_recipe(located: LocatedYaml) -> Recipe:
     problems.extend(_check_references(data, located))
 
     if problems or recipe is None:
-        raise RecipeError(_unique(problems), source=located.source)
+        raise RecipeError(sorted(_unique(problems), key=_line_number), source=located.source)
     return recipe
+
+
+def _line_number(problem: str) -> int:
+    match = re.search(r"\(line (\d+)\)", problem)
+    return int(match.group(1)) if match else 0
 
 
 def did_you_mean(word: str, candidates: list[str] | tuple[str, ...]) -> str | None:
@@ -89,6 +102,8 @@ def _describe_schema_error(error: dict[str, Any], located: LocatedYaml) -> str:
         where = located.where(loc)
         if key in UNSUPPORTED_MERGEKIT_KEYS and not parent:
             return f"{where}: `{key}` is not supported: {UNSUPPORTED_MERGEKIT_KEYS[key]}"
+        if key in MERGEKIT_IGNORED_PARAMS:
+            return f"{where}: `{key}` is a method parameter; move it under `parameters:`"
         if key in _all_param_names() and parent[:1] in (("models",), ()):
             target = "under `parameters:` of this model" if parent else "under the top-level `parameters:`"
             return f"{where}: unknown key `{key}`; it is a method parameter, so move it {target}"
@@ -102,7 +117,9 @@ def _describe_schema_error(error: dict[str, Any], located: LocatedYaml) -> str:
     message = error.get("msg", "invalid value")
     message = message.removeprefix("Value error, ")
     given = error.get("input")
-    shown = f" (got {given!r})" if given is not None and not isinstance(given, (dict, list)) else ""
+    shown = ""
+    if given is not None and not isinstance(given, (dict, list)) and repr(given) not in message:
+        shown = f" (got {given!r})"
     return f"{located.where(loc)}: {message}{shown}"
 
 
@@ -148,6 +165,8 @@ def _check_one_parameter(method: MergeMethod, key: Any, value: Any, path: YamlPa
                          located: LocatedYaml, *, per_model: bool) -> list[str]:
     where = located.where(path)
     param = method.param(str(key))
+    if param is None and str(key) in MERGEKIT_IGNORED_PARAMS:
+        return []
     if param is None:
         names = [p.name for p in method.params]
         suggestion = did_you_mean(str(key), names)
@@ -213,8 +232,8 @@ def check_scalar(param: Param, value: Any) -> list[str]:
         return [f"`{param.name}` must be a number, got {value!r}"]
     if param.kind is int and not isinstance(value, int):
         return [f"`{param.name}` must be an integer, got {value!r}"]
-    if value != value:  # NaN
-        return [f"`{param.name}` must be a number, got NaN"]
+    if not math.isfinite(value):
+        return [f"`{param.name}` must be a finite number, got {value}"]
     if param.minimum is not None and value < param.minimum:
         return [f"`{param.name}` must be at least {param.minimum}, got {value}"]
     if param.maximum is not None and value > param.maximum:

@@ -55,7 +55,9 @@ def load_located_yaml(text: str, *, source: str) -> LocatedYaml:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError([f"invalid YAML at {where}: {problem}"], source=source) from exc
+        hint = ("; check the indentation: keys of one mapping must line up, and YAML allows spaces only, "
+                "not tabs")
+        raise RecipeError([f"invalid YAML at {where}: {problem}{hint}"], source=source) from exc
 
     lines: dict[YamlPath, int] = {}
     duplicates: list[str] = []
