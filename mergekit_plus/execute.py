@@ -224,26 +224,29 @@ def _merge_aligned_rows(plan: Plan, job: TensorJob, tensors: list[torch.Tensor])
     return result
 
 
+def _value_range(tensor: torch.Tensor) -> tuple[float, float]:
+    """Return (min, max) of a non-empty float tensor in one pass; a NaN or infinity shows in either."""
+    low, high = torch.aminmax(tensor)
+    return float(low), float(high)
+
+
 def _check_finite_input(name: str, label: str, tensor: torch.Tensor) -> None:
-    # A sum is one fast pass, and it is finite exactly when every element is, unless the sum
-    # overflows float32. Only a non-finite sum needs the exact count.
-    if tensor.numel() == 0 or math.isfinite(float(tensor.sum(dtype=torch.float32))):
+    if tensor.numel() == 0 or all(math.isfinite(bound) for bound in _value_range(tensor)):
         return
     bad = int((~torch.isfinite(tensor)).sum())
-    if bad:
-        raise MergeValueError(f"tensor {name}: {label} contains {bad} NaN or infinite values",
-                              hint="that input is broken; fix or download it again before merging")
+    raise MergeValueError(f"tensor {name}: {label} contains {bad} NaN or infinite values",
+                          hint="that input is broken; fix or download it again before merging")
 
 
 def _fit_to_dtype(name: str, result: torch.Tensor, out_dtype: torch.dtype, *, clamp: bool) -> torch.Tensor:
-    finite = math.isfinite(float(result.sum(dtype=torch.float32))) or bool(torch.isfinite(result).all())
-    if not finite:
+    if result.numel() == 0:
+        return result
+    low, high = _value_range(result)
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise MergeValueError(f"tensor {name}: the merged values contain NaN or infinity",
                               hint="check the method's parameters (weights, lambda) for this tensor")
+    largest = max(-low, high)
     limit = torch.finfo(out_dtype).max
-    if limit >= torch.finfo(result.dtype).max:
-        return result
-    largest = float(result.abs().max()) if result.numel() else 0.0
     if largest <= limit:
         return result
     if clamp:
