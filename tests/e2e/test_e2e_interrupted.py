@@ -49,7 +49,7 @@ def test_killed_merge_leaves_no_output(tmp_path, wide_checkpoints):
     merge = [sys.executable, "-m", "mergekit_plus.cli", "run", str(recipe), "--quiet"]
     process = subprocess.Popen(merge, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
-    # Kill the run as soon as its staging folder holds written shards.
+    # Kill the run as soon as its staging folder contains shard files.
     deadline = time.monotonic() + 120
     staging = None
     while time.monotonic() < deadline and process.poll() is None:
