@@ -30,6 +30,10 @@ logger = logging.getLogger("mergekit_plus")
 RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False, metavar="RECIPE")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log per-tensor detail and show tracebacks.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of text.")]
+PrivateOpt = Annotated[bool, typer.Option(
+    "--private", help="Create the Hub repo as private. An existing public repo is not changed: the upload stops.")]
+RevisionOpt = Annotated[Optional[str], typer.Option(
+    "--revision", metavar="BRANCH", help="Hub branch to commit to, created from main if missing. Default: main.")]
 
 
 def _setup_logging(*, verbose: bool, quiet: bool) -> None:
@@ -52,11 +56,20 @@ def _fail(error: MergeError, *, verbose: bool) -> None:
     raise typer.Exit(error.exit_code)
 
 
-def _fail_json(error: MergeError) -> None:
+def _fail_json(error: MergeError, *, status_key: str = "valid") -> None:
     problems = getattr(error, "problems", None) or [error.message]
-    typer.echo(json.dumps({"valid": False, "exit_code": error.exit_code, "errors": problems,
+    typer.echo(json.dumps({status_key: False, "exit_code": error.exit_code, "errors": problems,
                            "hint": error.hint}, indent=2))
     raise typer.Exit(error.exit_code)
+
+
+def _fail_run(error: MergeError, *, as_json: bool, verbose: bool) -> None:
+    """Report a failed `run` or `upload`: JSON on stdout with --json, else a message on stderr."""
+    if as_json:
+        if verbose:
+            logger.exception("error")
+        _fail_json(error, status_key="ok")
+    _fail(error, verbose=verbose)
 
 
 def _load(recipe_path: Path) -> tuple[Any, dict[str, Any]]:
@@ -76,29 +89,75 @@ def run(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder; overrides `output.path`.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")] = False,
     device: Annotated[str, typer.Option(help="Where operators run: cpu, cuda, cuda:N or auto.")] = "cpu",
+    push_to_hub: Annotated[Optional[str], typer.Option(
+        "--push-to-hub", metavar="NAMESPACE/NAME",
+        help="After the merge, upload the output folder to this Hub model repo in one commit, creating the "
+             "repo if needed. The token comes from HF_TOKEN or the login cache.")] = None,
+    private: PrivateOpt = False,
+    revision: RevisionOpt = None,
+    as_json: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and only warnings.")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Merge the recipe's models and write the result to its output folder."""
+    """Merge the recipe's models and write the result to its output folder, then upload it with --push-to-hub.
+
+    Exit codes: 0 done, 1 invalid recipe or command line, 2 input, 3 output, 4 merged values, 5 Hub (folder kept).
+    """
     from mergekit_plus.execute import run_plan, select_device
     from mergekit_plus.plan import build_plan
 
     _setup_logging(verbose=verbose, quiet=quiet)
     if output is not None and output_folder is not None and output != output_folder:
-        _fail(MergeError(f"two output folders given: {output_folder} and --output {output}",
-                         hint="give the output folder once"), verbose=verbose)
+        _fail_run(MergeError(f"two output folders given: {output_folder} and --output {output}",
+                             hint="give the output folder once"), as_json=as_json, verbose=verbose)
+    if push_to_hub is None and (private or revision is not None):
+        _fail_run(MergeError("--private and --revision apply only to an upload",
+                             hint="add --push-to-hub NAMESPACE/NAME, or drop them"), as_json=as_json, verbose=verbose)
     # A terminated run (timeout, a job scheduler) cleans up like an interrupted one.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    target = session = None
     try:
         select_device(device)
         parsed, data = _load(recipe)
+        if push_to_hub is not None:
+            from mergekit_plus.hub.upload import HubTarget, open_session
+
+            # Before the merge, so that a missing or rejected token costs seconds, not a whole merge.
+            target = HubTarget(push_to_hub, revision=revision, private=private)
+            session = open_session(target)
         plan = build_plan(parsed, output=output or output_folder, overwrite=force)
         summary = run_plan(plan, recipe_data=data, device=device, progress=not quiet and sys.stderr.isatty())
     except MergeError as error:
-        _fail(error, verbose=verbose)
+        _fail_run(error, as_json=as_json, verbose=verbose)
+
+    uploaded = None
+    if target is not None:
+        from mergekit_plus.hub.upload import upload_folder
+
+        try:
+            uploaded = upload_folder(summary.output, target, session=session)
+        except MergeError as error:
+            # Running the same `merge run` again would stop at the existing output folder.
+            retry = " ".join(["merge upload", str(summary.output), target.repo_id,
+                              *(["--revision", target.revision] if target.revision else []),
+                              *(["--private"] if target.private else [])])
+            note = f"the merged folder is complete, so retry only the upload: `{retry}`"
+            error.hint = f"{error.hint}\n  {note}" if error.hint else note
+            _fail_run(error, as_json=as_json, verbose=verbose)
+
+    if as_json:
+        from mergekit_plus.io.sidefiles import recipe_sha256
+
+        typer.echo(json.dumps({"ok": True, "exit_code": 0, "output": str(summary.output), "tensors": summary.tensors,
+                               "total_bytes": summary.total_bytes, "seconds": round(summary.seconds, 3),
+                               "recipe_sha256": recipe_sha256(data), "files": _file_summaries(summary.output),
+                               "hub": uploaded.to_dict() if uploaded else None}, indent=2))
+        return
     if not quiet:
         typer.echo(f"merged {summary.tensors} tensors ({format_size(summary.total_bytes)}) into {summary.output} "
                    f"in {summary.seconds:.1f} s")
+        if uploaded is not None:
+            _echo_upload(uploaded)
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
@@ -159,6 +218,52 @@ def validate(
         typer.echo(f"{recipe}: valid ({len(built.jobs)} tensors from {len(built.inputs)} inputs)")
         for note in notes:
             typer.echo(f"note: {note}")
+
+
+@app.command()
+def upload(
+    folder: Annotated[Path, typer.Argument(help="A folder that `merge run` wrote.", show_default=False,
+                                           metavar="FOLDER")],
+    repo_id: Annotated[str, typer.Argument(help="The Hub model repo, created if missing.", show_default=False,
+                                           metavar="NAMESPACE/NAME")],
+    private: PrivateOpt = False,
+    revision: RevisionOpt = None,
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Upload a merge output folder to a Hub model repo in one commit, after checking its weights and model card.
+
+    Exit codes: 0 done, 1 invalid command line, 2 incomplete folder or invalid card (nothing sent), 5 Hub problem.
+    """
+    from mergekit_plus.hub.upload import HubTarget, open_session, upload_folder
+
+    _setup_logging(verbose=verbose, quiet=quiet)
+    try:
+        target = HubTarget(repo_id, revision=revision, private=private)
+        session = open_session(target)
+        uploaded = upload_folder(folder, target, session=session)
+    except MergeError as error:
+        _fail_run(error, as_json=as_json, verbose=verbose)
+    if as_json:
+        typer.echo(json.dumps({"ok": True, "exit_code": 0, "folder": str(folder), "files": _file_summaries(folder),
+                               "hub": uploaded.to_dict()}, indent=2))
+    elif not quiet:
+        _echo_upload(uploaded)
+
+
+def _file_summaries(folder: Path) -> list[dict[str, Any]]:
+    from mergekit_plus.hub.upload import file_records
+
+    return [{"path": record.path, "bytes": record.size, "sha256": record.sha256} for record in file_records(folder)]
+
+
+def _echo_upload(uploaded: Any) -> None:
+    if uploaded.committed:
+        typer.echo(f"uploaded {len(uploaded.committed)} files to {uploaded.repo_url} (branch {uploaded.branch}, "
+                   f"commit {uploaded.commit[:12]}); {len(uploaded.unchanged)} files were already there")
+    else:
+        typer.echo(f"{uploaded.repo_url} (branch {uploaded.branch}) already contains every file; nothing to commit")
 
 
 @app.command()

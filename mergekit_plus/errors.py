@@ -52,3 +52,12 @@ class MergeValueError(MergeError):
     """A merged tensor holds values that cannot be stored: NaN, infinity, or out of the output dtype's range."""
 
     exit_code = 4
+
+
+class HubError(MergeError):
+    """Publishing to the Hugging Face Hub failed: no token or a rejected one, offline mode, or a failed request.
+
+    The message states what the Hub already contains and what it does not, so the user can tell whether to retry.
+    """
+
+    exit_code = 5

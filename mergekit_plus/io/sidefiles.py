@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -21,6 +22,9 @@ TOKENIZER_FILES = (
     "tokenizer.tiktoken", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
 RECIPE_FILE_NAME = "merge_recipe.yaml"
+CARD_FILE_NAME = "README.md"
+# The revision cell of a local input in the card's Inputs table.
+LOCAL_REVISION = "local folder"
 
 
 @dataclass(frozen=True)
@@ -58,9 +62,18 @@ def copy_tokenizer_files(folder: Path, source: ModelSource) -> list[str]:
     return copied
 
 
+def recipe_text(recipe_data: dict[str, Any]) -> str:
+    """Return the text of the recipe copy: the parsed recipe dumped as YAML, so comments and layout do not count."""
+    return yaml.safe_dump(recipe_data, sort_keys=False, allow_unicode=True)
+
+
+def recipe_sha256(recipe_data: dict[str, Any]) -> str:
+    """Return the SHA-256 of the recipe copy's bytes, so `sha256sum merge_recipe.yaml` checks the card's hash."""
+    return hashlib.sha256(recipe_text(recipe_data).encode("utf-8")).hexdigest()
+
+
 def write_recipe_copy(folder: Path, recipe_data: dict[str, Any]) -> None:
-    text = yaml.safe_dump(recipe_data, sort_keys=False, allow_unicode=True)
-    (folder / RECIPE_FILE_NAME).write_text(text, encoding="utf-8")
+    (folder / RECIPE_FILE_NAME).write_bytes(recipe_text(recipe_data).encode("utf-8"))
 
 
 def write_model_card(
@@ -78,7 +91,12 @@ def write_model_card(
     copied_files: Sequence[str],
     parameters: dict[str, Any] | None = None,
 ) -> None:
-    """Write README.md: YAML front matter (base_model lists Hub ids only) and a body naming the inputs."""
+    """Write README.md: YAML front matter (base_model lists Hub ids only) and a body naming the inputs.
+
+    Local inputs appear only in the body, because the Hub reads every `base_model` entry as a repo id.
+    Hub inputs are listed with the commit they resolved to. The Settings section contains the recipe's
+    SHA-256, which `merge upload` checks against `merge_recipe.yaml` before publishing.
+    """
     hub_ids = list(dict.fromkeys(record.source.hub_id for record in inputs if record.source.hub_id))
     front: dict[str, Any] = {}
     if hub_ids:
@@ -98,13 +116,17 @@ def write_model_card(
         "",
         "## Inputs",
         "",
-        "| role | model | revision |",
-        "|---|---|---|",
+        "| role | model | revision | commit |",
+        "|---|---|---|---|",
     ]
     for record in inputs:
         source = record.source
-        revision = source.commit or source.revision or ("local" if not source.hub_id else "")
-        lines.append(f"| {record.role} | `{source.reference}` | {revision} |")
+        if source.hub_id:
+            # snapshot_download reads a missing revision as `main`.
+            revision, commit = source.revision or "main", source.commit or "unknown"
+        else:
+            revision, commit = LOCAL_REVISION, ""
+        lines.append(f"| {record.role} | `{source.reference}` | {revision} | {commit} |")
     if parameters is not None:
         lines += [
             "",
@@ -121,6 +143,7 @@ def write_model_card(
         "## Settings",
         "",
         f"- seed: {seed}",
+        f"- recipe sha256: `{recipe_sha256(recipe_data)}` (of `{RECIPE_FILE_NAME}`)",
         f"- compute dtype: {compute_dtype}; stored dtype: {out_dtype}",
         f"- tokenizer and side files from: `{tokenizer_source.reference}`"
         + (f" ({', '.join(copied_files)})" if copied_files else " (none found)"),
@@ -132,4 +155,4 @@ def write_model_card(
         "```",
         "",
     ]
-    (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")
+    (folder / CARD_FILE_NAME).write_text("\n".join(lines), encoding="utf-8")
