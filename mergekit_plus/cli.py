@@ -47,11 +47,13 @@ def _setup_logging(*, verbose: bool, quiet: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
+    # Our own messages cover what huggingface_hub warns about (for example an upload with nothing new).
+    logging.getLogger("huggingface_hub").setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 def _fail(error: MergeError, *, verbose: bool) -> None:
     if verbose:
-        logger.exception("error")
+        logger.debug("traceback of the error below", exc_info=True)
     typer.echo(f"error: {error}", err=True)
     raise typer.Exit(error.exit_code)
 
@@ -67,7 +69,7 @@ def _fail_run(error: MergeError, *, as_json: bool, verbose: bool) -> None:
     """Report a failed `run` or `upload`: JSON on stdout with --json, else a message on stderr."""
     if as_json:
         if verbose:
-            logger.exception("error")
+            logger.debug("traceback of the error below", exc_info=True)
         _fail_json(error, status_key="ok")
     _fail(error, verbose=verbose)
 
@@ -236,11 +238,12 @@ def upload(
 
     Exit codes: 0 done, 1 invalid command line, 2 incomplete folder or invalid card (nothing sent), 5 Hub problem.
     """
-    from mergekit_plus.hub.upload import HubTarget, open_session, upload_folder
+    from mergekit_plus.hub.upload import HubTarget, check_upload_folder, open_session, upload_folder
 
     _setup_logging(verbose=verbose, quiet=quiet)
     try:
         target = HubTarget(repo_id, revision=revision, private=private)
+        check_upload_folder(folder)
         session = open_session(target)
         uploaded = upload_folder(folder, target, session=session)
     except MergeError as error:

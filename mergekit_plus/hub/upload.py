@@ -148,6 +148,17 @@ def open_session(target: HubTarget, *, endpoint: str | None = None) -> HubSessio
     return HubSession(api=api, user=user, token=token)
 
 
+def check_upload_folder(folder: Path) -> tuple[list[tuple[str, Path]], Any]:
+    """Check a merge output folder for upload without any request: its files, weights and model card.
+
+    Returns the files to upload and the prepared card. Raise InputError when the folder is not a
+    complete merge output or its card is invalid.
+    """
+    files = collect_files(folder)
+    _check_weights(folder)
+    return files, prepare_card(folder)
+
+
 def upload_folder(folder: Path, target: HubTarget, *, session: HubSession) -> UploadResult:
     """Publish a merge output folder to `target` in one commit. See the module docstring for the steps.
 
@@ -157,9 +168,7 @@ def upload_folder(folder: Path, target: HubTarget, *, session: HubSession) -> Up
     from huggingface_hub import CommitOperationAdd
 
     # 1. Everything that can be checked locally, before the first request.
-    files = collect_files(folder)
-    _check_weights(folder)
-    card = prepare_card(folder)
+    files, card = check_upload_folder(folder)
     if card.added:
         logger.info("model card: added %s to the front matter", "; ".join(card.added))
     api, token = session.api, session.token

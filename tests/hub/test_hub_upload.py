@@ -364,3 +364,12 @@ def test_invalid_card_uploads_nothing(hub_standin, merged_folder, tmp_path):
     assert_mentions(message_of(result), r"base_model lists", r"nothing was uploaded")
     assert not [route for route in hub_standin.routes_called() if route in WRITE_ROUTES]
 
+
+
+def test_folder_checked_before_token(hub_standin, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+
+    result = invoke(["upload", tmp_path / "not-a-merge", TARGET_REPO], expected_exit=2)
+
+    assert "not-a-merge" in message_of(result)
+    assert hub_standin.requests == []
