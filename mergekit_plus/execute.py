@@ -171,16 +171,18 @@ def _run_job(plan: Plan, job: TensorJob, tensors: list[torch.Tensor], device: to
 
     for read, tensor in zip(job.reads, tensors):
         _check_finite_input(job.name, read.input.label, tensor)
-    converted = [tensor.to(device=device, dtype=plan.compute_dtype) for tensor in tensors]
+    # Inputs stay in their stored dtype: the operator converts them to the compute dtype chunk by
+    # chunk, so no whole-tensor converted copies exist.
+    moved = [tensor.to(device=device) for tensor in tensors]
     if job.row_maps is not None:
-        result = _merge_aligned_rows(plan, job, converted)
+        result = _merge_aligned_rows(plan, job, moved)
     else:
-        base = converted[0] if job.base is not None else None
-        models = converted[1:] if job.base is not None else converted
+        base = moved[0] if job.base is not None else None
+        models = moved[1:] if job.base is not None else moved
         result = plan.method.operator(base, models, params=job.params, model_params=job.model_params,
-                                      seeds=job.seeds)
+                                      seeds=job.seeds, compute_dtype=plan.compute_dtype)
         del base, models
-    del converted
+    del moved
 
     result = _fit_to_dtype(job.name, result, plan.out_dtype, clamp=plan.recipe.output.clamp_out_of_range)
     return result.to(device="cpu", dtype=plan.out_dtype)
@@ -192,14 +194,16 @@ def _merge_aligned_rows(plan: Plan, job: TensorJob, tensors: list[torch.Tensor])
     Rows are grouped by which inputs hold their token, and each group is merged from those inputs
     alone. Rows that the base lacks (added tokens) are the mean of the models that hold them, so a
     token added by one model keeps that model's row. Rows that only the base holds keep the base row.
+    The inputs are in their stored dtypes, and the result is in the compute dtype.
     """
     device = tensors[0].device
+    compute_dtype = plan.compute_dtype
     maps = [row_map.to(device) for row_map in job.row_maps]
     has_base = job.base is not None
     present = torch.stack([row_map >= 0 for row_map in maps]).to(torch.int64)
     shifts = torch.arange(len(maps), device=device).unsqueeze(1)
     codes = (present << shifts).sum(0)
-    result = torch.empty(job.output.shape, dtype=tensors[0].dtype, device=device)
+    result = torch.empty(job.output.shape, dtype=compute_dtype, device=device)
 
     for code in torch.unique(codes).tolist():
         rows = (codes == code).nonzero().squeeze(1)
@@ -210,9 +214,9 @@ def _merge_aligned_rows(plan: Plan, job: TensorJob, tensors: list[torch.Tensor])
         base_present = has_base and 0 in members
 
         if has_base and not base_present:
-            result[rows] = torch.stack([gathered[index] for index in model_members]).mean(0)
+            result[rows] = torch.stack([gathered[index].to(compute_dtype) for index in model_members]).mean(0)
         elif base_present and not model_members:
-            result[rows] = gathered[0]
+            result[rows] = gathered[0].to(compute_dtype)
         else:
             result[rows] = plan.method.operator(
                 gathered[0] if base_present else None,
@@ -220,6 +224,7 @@ def _merge_aligned_rows(plan: Plan, job: TensorJob, tensors: list[torch.Tensor])
                 params=job.params,
                 model_params=[job.model_params[position] for position in model_positions],
                 seeds=[job.seeds[position] for position in model_positions] if job.seeds else (),
+                compute_dtype=compute_dtype,
             )
     return result
 

@@ -41,15 +41,22 @@ class Param:
 
 
 MergeOperator = Callable[..., torch.Tensor]
-"""Signature: operator(base, tensors, *, params, model_params, seeds) -> Tensor.
+"""Signature: operator(base, tensors, *, params, model_params, seeds, compute_dtype=torch.float32) -> Tensor.
 
 - base: the base model's tensor, or None for methods that do not use a base.
-- tensors: one tensor per input model, same shape as base, in the compute dtype, on one device.
+- tensors: one tensor per input model, same shape as base, on one device with base.
+  Every input, base included, comes in its stored dtype, and the inputs may differ in dtype.
 - params: the method's global parameters for this tensor, every default filled in.
 - model_params: one mapping per input model with its per-model parameters, defaults filled in.
 - seeds: one 64-bit seed per input model, derived from (recipe seed, tensor name, model index).
   Methods without randomness ignore it.
-Returns a new tensor of the same shape, in the compute dtype.
+- compute_dtype: the floating-point dtype of the arithmetic and of the result.
+Returns a new tensor of the same shape, in compute_dtype, on the inputs' device.
+
+The operator converts each input to compute_dtype before any arithmetic on it, so the result
+is the method's formula on the converted inputs. It should convert a chunk at a time
+(`methods/chunks.py`), not whole tensors, so that besides the result only a few chunk-sized
+buffers per input exist.
 """
 
 ParamCheck = Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], list[str]]

@@ -39,14 +39,15 @@ after the drop for DARE+TIES.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from mergekit_plus.methods.base import MergeMethod, Param
-from mergekit_plus.methods.linear import check_weight_sum, validate_inputs
-from mergekit_plus.methods.sparsify import disjoint_merge, drop_and_rescale
+from mergekit_plus.methods.chunks import Chunk, TaskVectors
+from mergekit_plus.methods.linear import check_weight_sum, validate_inputs, weights_sum_to_zero, zero_weight_sum_message
+from mergekit_plus.methods.sparsify import RandomKeepMasks, check_sign_election, consensus_merge, drop_and_rescale
 from mergekit_plus.methods.task_arithmetic import LAMBDA, WEIGHT, normalize_param, weighted_sum
 from mergekit_plus.methods.ties import SIGN_ELECTION
 
@@ -67,22 +68,46 @@ RESCALE = Param(
 )
 
 
-def _dropped_deltas(
+def _task_vectors(
     method: str,
     base: torch.Tensor | None,
     tensors: Sequence[torch.Tensor],
-    params: Mapping[str, Any],
     model_params: Sequence[Mapping[str, Any]],
     seeds: Sequence[int],
-):
-    """Validate the inputs and yield each model's dropped and rescaled task vector, one at a time."""
+    compute_dtype: torch.dtype,
+) -> TaskVectors:
+    """Validate the inputs and return their task vectors."""
     if base is None:
         raise ValueError(f"{method} needs a base model tensor, got None")
     validate_inputs(base, tensors, model_params)
     if len(seeds) != len(tensors):
         raise ValueError(f"{method} needs one seed per model: got {len(seeds)} seeds for {len(tensors)} models")
-    for tensor, mp, seed in zip(tensors, model_params, seeds):
-        yield drop_and_rescale(tensor - base, mp["density"], seed, rescale=params["rescale"])
+    return TaskVectors(base, tensors, compute_dtype)
+
+
+def dropped_chunks(
+    inputs: TaskVectors,
+    model_params: Sequence[Mapping[str, Any]],
+    seeds: Sequence[int],
+    *,
+    rescale: bool,
+) -> Iterator[Chunk]:
+    """Yield every chunk of the task vectors with each model's drop and rescale applied, in flat order.
+
+    Each call draws the masks afresh from the seeds, so every pass gets the same masks.
+    """
+    densities = [mp["density"] for mp in model_params]
+    masks = [
+        RandomKeepMasks(inputs.numel, density, seed) if 0 < density < 1 else None
+        for density, seed in zip(densities, seeds)
+    ]
+    for chunk in inputs.chunks():
+        for delta, density, model_masks in zip(chunk.deltas, densities, masks):
+            keep = None
+            if model_masks is not None:
+                keep = model_masks.next(delta.numel(), dtype=delta.dtype, device=delta.device)
+            drop_and_rescale(delta, density, keep, rescale=rescale)
+        yield chunk
 
 
 def dare_linear_operator(
@@ -92,12 +117,19 @@ def dare_linear_operator(
     params: Mapping[str, Any],
     model_params: Sequence[Mapping[str, Any]],
     seeds: Sequence[int],
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Return θ₀ + λ · Σ wᵢ δᵢ (divided by Σ wᵢ inside when `normalize` is true)."""
+    """Return θ₀ + λ · Σ wᵢ δᵢ (divided by Σ wᵢ inside when `normalize` is true), chunk by chunk."""
+    inputs = _task_vectors("dare_linear", base, tensors, model_params, seeds, compute_dtype)
     weights = [mp["weight"] for mp in model_params]
-    deltas = _dropped_deltas("dare_linear", base, tensors, params, model_params, seeds)
-    merged = weighted_sum(deltas, weights, normalize=params["normalize"])
-    return merged.mul_(params["lambda"]).add_(base)
+    if params["normalize"] and weights_sum_to_zero(weights):
+        raise ValueError(zero_weight_sum_message(weights))
+
+    output = inputs.empty_output()
+    for chunk in dropped_chunks(inputs, model_params, seeds, rescale=params["rescale"]):
+        merged = weighted_sum(chunk.deltas, weights, normalize=params["normalize"])
+        torch.add(merged.mul_(params["lambda"]), chunk.base, out=output[chunk.start : chunk.stop])
+    return output.view(inputs.shape)
 
 
 def dare_ties_operator(
@@ -107,18 +139,26 @@ def dare_ties_operator(
     params: Mapping[str, Any],
     model_params: Sequence[Mapping[str, Any]],
     seeds: Sequence[int],
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Return θ₀ + λ · (TIES sign election and disjoint merge of the dropped task vectors)."""
+    """Return θ₀ + λ · (TIES sign election and disjoint merge of the dropped task vectors).
+
+    The masks are drawn twice, once for the pass that counts the elected signs and once for
+    the merge, so that no whole-tensor mask is kept.
+    """
+    inputs = _task_vectors("dare_ties", base, tensors, model_params, seeds, compute_dtype)
+    check_sign_election(params["sign_election"])
     weights = [mp["weight"] for mp in model_params]
-    deltas = list(_dropped_deltas("dare_ties", base, tensors, params, model_params, seeds))
-    merged = disjoint_merge(
-        deltas,
+    merged = consensus_merge(
+        lambda: dropped_chunks(inputs, model_params, seeds, rescale=params["rescale"]),
+        inputs.empty_output(),
         weights,
         sign_election=params["sign_election"],
         normalize=params["normalize"],
+        scale=params["lambda"],
+        scratch=inputs.scratch,
     )
-    del deltas
-    return merged.mul_(params["lambda"]).add_(base)
+    return merged.view(inputs.shape)
 
 
 _PAPER = (

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from mergekit_plus.methods.base import MergeMethod, Param
+from mergekit_plus.methods.chunks import ChunkScratch, chunk_bounds, flatten, to_compute_dtype
 
 
 def weights_sum_to_zero(weights: Sequence[float]) -> bool:
@@ -78,19 +79,31 @@ def operator(
     params: Mapping[str, Any],
     model_params: Sequence[Mapping[str, Any]],
     seeds: Sequence[int],
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Return Σ wᵢ θᵢ, divided by Σ wᵢ when `normalize` is true. `base` and `seeds` are unused."""
+    """Return Σ wᵢ θᵢ, divided by Σ wᵢ when `normalize` is true. `base` and `seeds` are unused.
+
+    Works chunk by chunk, converting one input chunk at a time to the compute dtype.
+    """
     validate_inputs(None, tensors, model_params)
     weights = [mp["weight"] for mp in model_params]
     if params["normalize"] and weights_sum_to_zero(weights):
         raise ValueError(zero_weight_sum_message(weights))
 
-    merged = tensors[0] * weights[0]
-    for tensor, weight in zip(tensors[1:], weights[1:]):
-        merged.add_(tensor * weight)
-    if params["normalize"]:
-        merged.div_(math.fsum(weights))
-    return merged
+    flat = [flatten(tensor) for tensor in tensors]
+    numel = flat[0].numel()
+    output = torch.empty(numel, dtype=compute_dtype, device=tensors[0].device)
+    scratch = ChunkScratch(numel, tensors[0].device)
+    for start, stop in chunk_bounds(numel):
+        buffer = scratch.get("product", compute_dtype, stop - start)
+        first = to_compute_dtype(flat[0][start:stop], compute_dtype, buffer)
+        merged = torch.mul(first, weights[0], out=output[start:stop])
+        for tensor, weight in zip(flat[1:], weights[1:]):
+            converted = to_compute_dtype(tensor[start:stop], compute_dtype, buffer)
+            merged.add_(torch.mul(converted, weight, out=buffer))
+        if params["normalize"]:
+            merged.div_(math.fsum(weights))
+    return output.view(tensors[0].shape)
 
 
 METHOD = MergeMethod(

@@ -1,21 +1,25 @@
 """Sparsification and sign-consensus steps shared by the task-vector methods.
 
-- `keep_count` and `magnitude_mask`: the exact top-k-by-magnitude mask that TIES uses to trim.
-- `random_keep_mask` and `drop_and_rescale`: the seeded Bernoulli drop of DARE.
-- `elect_signs` and `disjoint_merge`: the sign election and disjoint merge of TIES, also used by
-  dare_ties.
+- `keep_count`, `MagnitudeSelection` and `magnitude_mask`: the exact top-k-by-magnitude
+  selection that TIES uses to trim, over a tensor that arrives chunk by chunk.
+- `RandomKeepMasks`, `random_keep_mask` and `drop_and_rescale`: the seeded Bernoulli drop of DARE.
+- `elect_signs`, `disjoint_merge` and `consensus_merge`: the sign election and disjoint merge of
+  TIES, also used by dare_ties. `consensus_merge` runs them chunk by chunk over a whole tensor.
 
 The functions return new tensors and leave their arguments unchanged, except
-`drop_and_rescale` and `disjoint_merge`, which overwrite the task vectors they are given.
+`drop_and_rescale`, `disjoint_merge` and `consensus_merge`, which overwrite the task vectors
+they are given. Functions that take a `scratch` (`chunks.ChunkScratch`) return results that
+live in its buffers, valid until the next call that uses the same scratch.
 """
 
 from __future__ import annotations
 
 import math
-import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
+
+from mergekit_plus.methods.chunks import Chunk, ChunkScratch, chunk_bounds
 
 SIGN_ELECTIONS = ("trimmed", "weighted")
 """Choices of the `sign_election` parameter.
@@ -26,15 +30,36 @@ SIGN_ELECTIONS = ("trimmed", "weighted")
 
 _DIGIT_BITS = 16
 _DIGIT_COUNT = 1 << _DIGIT_BITS
+_KEY_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-# Tensors are scanned for entries at the selection threshold in blocks of this many entries,
-# so that the lists of positions stay small even when the whole tensor ties (an all-zero task
-# vector does). A float32 bucket of up to this many entries is listed in one go.
-_BLOCK = 1 << 22
+# The in-bucket histograms spread consecutive entries over this many interleaved copies of each
+# bin. Most entries of such a pass fall into two or three bins (below the bucket, above it, one
+# tied key), and `torch.bincount` runs about twice as slowly when consecutive increments hit a
+# few bins in an unpredictable order.
+_LANES = 4
+
+# The chunk that holds a trim's last kept tie is searched in blocks of this many entries, so
+# that only one block is listed position by position (`nonzero` is slow on a whole chunk).
+_SEARCH_BLOCK = 1 << 12
 
 # Uniform draws for the DARE mask are made in blocks of this many entries to bound the
 # temporary memory. The block size is fixed, so the mask does not depend on the machine.
 _RANDOM_BLOCK = 1 << 20
+
+# A float32 sum of −1, 0 and +1 values is exact up to this many values.
+_EXACT_SIGN_SUM = 1 << 24
+
+
+def _buffer(scratch: ChunkScratch | None, name: str, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    """Return a 1-D buffer with as many entries as `like`: from `scratch` when given, else new."""
+    if scratch is None:
+        return torch.empty(like.numel(), dtype=dtype, device=like.device)
+    return scratch.get(name, dtype, like.numel())
+
+
+def _bits(values: torch.Tensor) -> torch.Tensor:
+    """Return the IEEE bit patterns of `values` as signed integers of the same width."""
+    return values.view(_KEY_DTYPES[values.element_size()])
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -54,122 +79,207 @@ def keep_count(density: float, numel: int) -> int:
     return min(numel, math.floor(product))
 
 
-def magnitude_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Return a boolean mask of the `k` entries of `values` with the largest absolute value.
+def magnitude_keys(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Return integers that order like |values|: the IEEE bit patterns without the sign bit.
 
-    Exactly min(max(k, 0), numel) entries are kept. Among entries whose magnitude equals the
-    threshold, the ones with the lowest flat (row-major) index are kept. NaN counts as larger
-    than every number, because the selection orders the IEEE bit patterns of |x|.
-
-    The threshold is found by a radix select instead of a sort. A non-negative float orders
-    like its bit pattern read as an integer, so histograms of the 16-bit digits of that pattern
-    (`torch.bincount`) locate the k-th largest magnitude in a few passes over the tensor.
+    A non-negative float orders like its bit pattern read as an integer, with NaN above
+    infinity. `values` must be contiguous.
     """
-    numel = values.numel()
-    if k <= 0:
-        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
-    if k >= numel:
-        return torch.ones(values.shape, dtype=torch.bool, device=values.device)
-    if not values.dtype.is_floating_point:
-        raise TypeError(f"magnitude_mask needs a floating-point tensor, got {values.dtype}")
-
-    # The bit-pattern views below need contiguous memory, which a strided 1-D view lacks.
-    flat = values.contiguous().view(-1)
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        keep = _magnitude_mask_16(flat, k)
-    else:
-        keep = _magnitude_mask_wide(flat, k)
-    return keep.view(values.shape)
+    largest = (1 << (8 * values.element_size() - 1)) - 1
+    return torch.bitwise_and(_bits(values), largest, out=out)
 
 
-def _magnitude_mask_16(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Select for float16 and bfloat16, whose whole magnitude is one 15-bit digit."""
-    keys = flat.view(torch.int16) & 0x7FFF
-    digit, tied_kept = _pick_digit(torch.bincount(keys, minlength=1 << 15), k)
-    keep = keys > digit
-    _keep_first_ties(keep, keys == digit, tied_kept)
-    return keep
+class MagnitudeSelection:
+    """The exact k-th largest magnitude of a tensor that is fed chunk by chunk, by radix select.
 
+    Each pass over the chunks histograms one 16-bit digit of the keys (`magnitude_keys`) that
+    share the digits chosen so far. The first digit has 15 bits because the sign bit is dropped,
+    so a 16-bit float needs one pass, a float32 at most two and a float64 at most four. A histogram
+    also counts apart the keys whose bits below the digit are all 0, so a pass can stop the
+    search early. Task vectors of bfloat16 weights computed in float32 mostly have 16 zero
+    low bits, so one pass is usually enough for them.
 
-def _magnitude_mask_wide(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Select for float32 and float64: one pass over the high 16 bits, then one bucket's low bits.
+    Use it as:
 
-    Reading the high 16 bits through a strided int16 view keeps the passes over the whole tensor
-    cheap. Only the bucket that contains the threshold is read again, through its positions.
+        while not selection.done:
+            for chunk in chunks: selection.count(chunk)
+            selection.next_digit()
+        masks = selection.masks()
+        for chunk in chunks: keep = masks.next(chunk, out=...)
+
+    The chunks must be contiguous and come in flat order, the same ones in every pass.
     """
-    words = flat.element_size() // 2
-    bits = flat.view(torch.int32 if words == 2 else torch.int64)
-    high_word = words - 1 if sys.byteorder == "little" else 0
-    high = bits.view(torch.int16)[high_word::words] & 0x7FFF
-    high_digit, rank = _pick_digit(torch.bincount(high, minlength=1 << 15), k)
-    keep = high > high_digit
-    bucket = high == high_digit
-    del high
 
-    if int(torch.count_nonzero(bucket)) > _BLOCK:
-        if words == 2:
-            _keep_dense_bucket(keep, bucket, bits, rank)
-            return keep
-        return _magnitude_mask_64_full(bits, k)
+    def __init__(self, k: int, numel: int, dtype: torch.dtype):
+        if not dtype.is_floating_point:
+            raise TypeError(f"the magnitude selection needs a floating-point dtype, got {dtype}")
+        if not 0 < k < numel:
+            raise ValueError(f"the magnitude selection needs 0 < k < numel, got k={k} for {numel} entries")
+        bits = 8 * dtype.itemsize
+        self.k = k
+        self._shifts = tuple(range(bits - _DIGIT_BITS, -1, -_DIGIT_BITS))
+        self._level = 0
+        self._prefix = 0
+        self._rank = k
+        self._histogram: torch.Tensor | None = None
+        self._lane_offsets: torch.Tensor | None = None
+        self.threshold: int | None = None
+        """The key at which the selection cuts, once `done`."""
+        self.tied_kept = 0
+        """How many keys equal to `threshold` are kept, lowest flat index first."""
+        self.tied_total = 0
+        """How many keys equal `threshold`. When it equals `tied_kept`, every key at or above the
+        threshold is kept, and the threshold need not be a key of the tensor."""
 
-    # Usually the bucket is a small fraction of the tensor, so a few operations on the list of
-    # its positions finish the selection.
-    low_bits = 16 * (words - 1)
-    positions = bucket.nonzero().squeeze(1)
-    low = bits[positions] & ((1 << low_bits) - 1)
-    threshold, tied_kept = _select_threshold(low, rank, low_bits)
-    keep[positions[low > threshold]] = True
-    keep[positions[low == threshold][:tied_kept]] = True
-    return keep
+    @property
+    def done(self) -> bool:
+        return self.threshold is not None
+
+    def count(self, values: torch.Tensor, scratch: ChunkScratch | None = None) -> None:
+        """Add one chunk of the tensor to the histogram of the current pass."""
+        if self.done:
+            raise RuntimeError("the magnitude selection is already done")
+        shift = self._shifts[self._level]
+        bits = _bits(values)
+        codes = _buffer(scratch, "codes", bits.dtype, bits)
+        if self._level == 0:
+            # Code 2·digit + (lower bits nonzero), or the digit alone for a 16-bit float.
+            top_digit = ((1 << (8 * values.element_size() - 1)) - 1) & ~((1 << shift) - 1)
+            torch.bitwise_and(bits, top_digit, out=codes)
+            if shift:
+                codes.bitwise_right_shift_(shift - 1).bitwise_or_(_lower_bits_nonzero(bits, shift, scratch))
+            bins = (1 << (_DIGIT_BITS - 1)) * (2 if shift else 1)
+        else:
+            self._bucket_codes(bits, codes, shift, scratch)
+            bins = _LANES * (2 if shift else 1) * (_DIGIT_COUNT + 2)
+        histogram = torch.bincount(codes, minlength=bins)
+        if self._histogram is None:
+            self._histogram = histogram
+        else:
+            self._histogram.add_(histogram)
+
+    def _bucket_codes(self, bits: torch.Tensor, codes: torch.Tensor, shift: int, scratch: ChunkScratch | None) -> None:
+        """Write into `codes` 1 + digit for keys in the current bucket, 0 below it and 2¹⁶ + 1 above it.
+
+        With bits below this digit, the code becomes 2·code + (lower bits nonzero). Then each code
+        is spread over `_LANES` bins by the entry's position.
+        """
+        largest = (1 << (8 * bits.element_size() - 1)) - 1
+        torch.bitwise_and(bits, largest, out=codes)
+        if shift:
+            codes.bitwise_right_shift_(shift)
+        codes.sub_(self._prefix << _DIGIT_BITS).clamp_(-1, _DIGIT_COUNT).add_(1)
+        if shift:
+            codes.mul_(2).add_(_lower_bits_nonzero(bits, shift, scratch))
+        codes.mul_(_LANES)
+        whole = codes.numel() - codes.numel() % _LANES
+        if self._lane_offsets is None:
+            self._lane_offsets = torch.arange(_LANES, dtype=codes.dtype, device=codes.device)
+        codes[:whole].view(-1, _LANES).add_(self._lane_offsets)
+
+    def next_digit(self) -> None:
+        """Choose the digit of the k-th largest key from the pass just finished.
+
+        Sets `threshold`, `tied_kept` and `tied_total` when the key is known, or else starts the
+        next digit's pass.
+        """
+        if self._histogram is None:
+            raise RuntimeError("next_digit needs a pass of count() calls first")
+        histogram, self._histogram = self._histogram, None
+        shift = self._shifts[self._level]
+        flagged = shift > 0
+        if self._level > 0:
+            # Fold the lanes, then drop the bins below and above the bucket.
+            histogram = histogram.view(-1, _LANES).sum(1)
+            width = 2 if flagged else 1
+            histogram = histogram[width : width * (_DIGIT_COUNT + 1)]
+        pairs = histogram.view(-1, 2) if flagged else histogram.view(-1, 1)
+        digit, rank = _pick_digit(pairs.sum(1), self._rank)
+        in_bucket = int(pairs[digit].sum())
+        # Keys of this bucket whose lower bits are not all 0, so above the bucket's smallest key.
+        above_smallest = int(pairs[digit, 1]) if flagged else 0
+
+        prefix = (self._prefix << _DIGIT_BITS) | digit
+        smallest = prefix << shift
+        if rank == in_bucket:
+            self._finish(smallest, in_bucket, in_bucket)
+        elif not flagged:
+            self._finish(prefix, rank, in_bucket)
+        elif rank >= above_smallest:
+            # The entries whose lower bits are all 0 hold the bucket's smallest key, and every
+            # larger key is kept. The cut falls among those entries, or just above them.
+            self._finish(smallest, rank - above_smallest, in_bucket - above_smallest)
+        else:
+            self._level += 1
+            self._prefix = prefix
+            self._rank = rank
+
+    def _finish(self, threshold: int, tied_kept: int, tied_total: int) -> None:
+        self.threshold = threshold
+        self.tied_kept = tied_kept
+        self.tied_total = tied_total
+
+    def masks(self) -> MagnitudeMasks:
+        """Return a fresh mask maker for one pass over the chunks."""
+        if self.threshold is None:
+            raise RuntimeError("the magnitude selection is not done yet")
+        return MagnitudeMasks(self.threshold, self.tied_kept, self.tied_total)
 
 
-def _select_threshold(keys: torch.Tensor, rank: int, key_bits: int) -> tuple[int, int]:
-    """Find the rank-th largest of non-negative `keys` (1-based), one 16-bit digit at a time.
+class MagnitudeMasks:
+    """Makes the keep mask of each chunk, in flat order, from a finished `MagnitudeSelection`.
 
-    Returns that key t and how many keys equal to t are among the `rank` largest, so that
-    rank = count(keys > t) + that number.
+    Keys above the threshold are kept. Keys equal to it are kept until `tied_kept` of them have
+    been, so the lowest flat indices win. A running count carries that rule across chunks.
     """
-    threshold = 0
-    candidates = keys
-    for shift in range(key_bits - _DIGIT_BITS, -1, -_DIGIT_BITS):
-        digits = (candidates >> shift) & (_DIGIT_COUNT - 1)
-        digit, rank = _pick_digit(torch.bincount(digits, minlength=_DIGIT_COUNT), rank)
-        threshold |= digit << shift
-        if shift > 0:
-            candidates = candidates[digits == digit]
-    return threshold, rank
+
+    def __init__(self, threshold: int, tied_kept: int, tied_total: int):
+        self._threshold = threshold
+        self._ties_to_keep = tied_kept
+        self._ties_left = tied_total
+
+    def next(self, values: torch.Tensor, out: torch.Tensor, scratch: ChunkScratch | None = None) -> torch.Tensor:
+        """Write the next chunk's keep mask into `out` (bool, or 1 and 0 in a number dtype) and return it."""
+        keys = magnitude_keys(values, out=_buffer(scratch, "keys", _bits(values).dtype, values))
+        threshold = self._threshold
+        if self._ties_to_keep == self._ties_left:
+            return torch.ge(keys, threshold, out=out)
+        if self._ties_to_keep == 0:
+            return torch.gt(keys, threshold, out=out)
+
+        tied = torch.eq(keys, threshold, out=_buffer(scratch, "tied", torch.int32, keys))
+        count = int(tied.sum(dtype=torch.int32))
+        self._ties_left -= count
+        if count <= self._ties_to_keep:
+            self._ties_to_keep -= count
+            return torch.ge(keys, threshold, out=out)
+        # This chunk contains the last kept tie: keep the ties up to it, and after it larger keys only.
+        cut = _end_of_first(tied, self._ties_to_keep)
+        torch.gt(keys, threshold, out=out)
+        torch.ge(keys[:cut], threshold, out=out[:cut])
+        self._ties_to_keep = 0
+        return out
 
 
-def _magnitude_mask_64_full(bits: torch.Tensor, k: int) -> torch.Tensor:
-    """Select for float64 over the full 63-bit keys, for a bucket too large to list by position."""
-    keys = bits & 0x7FFF_FFFF_FFFF_FFFF
-    threshold, tied_kept = _select_threshold(keys, k, 64)
-    keep = keys > threshold
-    _keep_first_ties(keep, keys == threshold, tied_kept)
-    return keep
+def _end_of_first(flags: torch.Tensor, count: int) -> int:
+    """Return the index just past the count-th 1 (count ≥ 1) in the 1-D 0/1 int32 tensor `flags`."""
+    whole = flags.numel() - flags.numel() % _SEARCH_BLOCK
+    # Summing int32 as int32 is several times faster than count_nonzero, and a chunk's counts fit.
+    block_counts = flags[:whole].view(-1, _SEARCH_BLOCK).sum(1, dtype=torch.int32)
+    if whole < flags.numel():
+        block_counts = torch.cat([block_counts, flags[whole:].sum(dtype=torch.int32).view(1)])
+    at_or_before = block_counts.cumsum(0)
+    block = int(torch.searchsorted(at_or_before, count))
+    before = int(at_or_before[block - 1]) if block > 0 else 0
+    start = block * _SEARCH_BLOCK
+    positions = flags[start : start + _SEARCH_BLOCK].nonzero().squeeze(1)
+    return start + int(positions[count - before - 1]) + 1
 
 
-def _keep_dense_bucket(keep: torch.Tensor, bucket: torch.Tensor, bits: torch.Tensor, rank: int) -> None:
-    """Add to `keep` the `rank` largest entries of a bucket too large to list by position.
-
-    Both passes go block by block with whole-block comparisons, so the temporary memory stays
-    at a few blocks even when the bucket is the whole tensor (an all-zero task vector).
-    """
-    low_histogram = torch.zeros(_DIGIT_COUNT, dtype=torch.int64, device=bits.device)
-    for start in range(0, bucket.numel(), _BLOCK):
-        block = slice(start, start + _BLOCK)
-        # Entries outside the bucket go to an extra bin that is dropped.
-        low = torch.where(bucket[block], bits[block] & (_DIGIT_COUNT - 1), _DIGIT_COUNT)
-        low_histogram += torch.bincount(low, minlength=_DIGIT_COUNT + 1)[:_DIGIT_COUNT]
-    low_digit, tied_kept = _pick_digit(low_histogram, rank)
-
-    for start in range(0, bucket.numel(), _BLOCK):
-        block = slice(start, start + _BLOCK)
-        low = bits[block] & (_DIGIT_COUNT - 1)
-        keep[block] |= bucket[block] & (low > low_digit)
-        tied = (bucket[block] & (low == low_digit)).nonzero().squeeze(1)
-        keep[tied[:tied_kept] + start] = True
-        tied_kept -= min(tied_kept, tied.numel())
+def _lower_bits_nonzero(bits: torch.Tensor, count: int, scratch: ChunkScratch | None) -> torch.Tensor:
+    """Return 1 where the low `count` bits of a bit pattern are not all 0, else 0."""
+    flags = torch.bitwise_and(bits, (1 << count) - 1, out=_buffer(scratch, "flags", bits.dtype, bits))
+    return flags.clamp_(max=1)
 
 
 def _pick_digit(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
@@ -185,77 +295,186 @@ def _pick_digit(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
     return digit, rank - above
 
 
-def _keep_first_ties(keep: torch.Tensor, tied: torch.Tensor, count: int) -> None:
-    """Set `keep` at the first `count` positions where `tied` is true, in flat index order."""
-    for start in range(0, tied.numel(), _BLOCK):
-        if count <= 0:
-            return
-        positions = tied[start : start + _BLOCK].nonzero().squeeze(1)
-        keep[positions[:count] + start] = True
-        count -= positions.numel()
+def magnitude_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Return a boolean mask of the `k` entries of `values` with the largest absolute value.
+
+    Exactly min(max(k, 0), numel) entries are kept. Among entries whose magnitude equals the
+    threshold, the ones with the lowest flat (row-major) index are kept. NaN counts as larger
+    than every number, because the selection orders the IEEE bit patterns of |x|.
+
+    The threshold is found chunk by chunk by a radix select (`MagnitudeSelection`) instead of
+    a sort.
+    """
+    numel = values.numel()
+    if k <= 0:
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    if k >= numel:
+        return torch.ones(values.shape, dtype=torch.bool, device=values.device)
+    if not values.dtype.is_floating_point:
+        raise TypeError(f"magnitude_mask needs a floating-point tensor, got {values.dtype}")
+
+    flat = values.contiguous().view(-1)
+    scratch = ChunkScratch(numel, values.device)
+    selection = MagnitudeSelection(k, numel, values.dtype)
+    while not selection.done:
+        for start, stop in chunk_bounds(numel):
+            selection.count(flat[start:stop], scratch)
+        selection.next_digit()
+
+    keep = torch.empty(numel, dtype=torch.bool, device=values.device)
+    masks = selection.masks()
+    for start, stop in chunk_bounds(numel):
+        masks.next(flat[start:stop], out=keep[start:stop], scratch=scratch)
+    return keep.view(values.shape)
+
+
+class RandomKeepMasks:
+    """DARE's keep mask for one tensor, with entries true independently with probability `density`.
+
+    The draws come from a CPU `torch.Generator` seeded with `seed`, in blocks of a fixed size.
+    So the mask depends only on (numel, density, seed), and not on the device, the thread
+    count, the sizes requested from `next` or the order in which tensors are merged. `next`
+    hands the mask out in flat order, so a whole mask never has to exist.
+    """
+
+    def __init__(self, numel: int, density: float, seed: int):
+        self._numel = numel
+        self._density = density
+        self._generator = torch.Generator(device="cpu")
+        self._generator.manual_seed(seed)
+        self._drawn = 0
+        self._uniform = torch.empty(0)
+        self._used = 0
+        self._keep: dict[torch.dtype, torch.Tensor] = {}
+
+    def next(self, count: int, *, dtype: torch.dtype = torch.bool, device: torch.device | None = None) -> torch.Tensor:
+        """Return the mask's next `count` entries as `dtype` (bool, or 1 and 0 in a number dtype).
+
+        On the CPU the result is a buffer that the next call overwrites.
+        """
+        keep = self._keep.get(dtype)
+        if keep is None or keep.numel() < count:
+            keep = self._keep[dtype] = torch.empty(count, dtype=dtype)
+        keep = keep[:count]
+        filled = 0
+        while filled < count:
+            if self._used == self._uniform.numel():
+                self._draw_block()
+            take = min(count - filled, self._uniform.numel() - self._used)
+            torch.lt(self._uniform[self._used : self._used + take], self._density, out=keep[filled : filled + take])
+            self._used += take
+            filled += take
+        return keep if device is None else keep.to(device)
+
+    def _draw_block(self) -> None:
+        size = min(_RANDOM_BLOCK, self._numel - self._drawn)
+        if size <= 0:
+            raise ValueError(f"the mask has only {self._numel} entries, and all of them were handed out")
+        self._uniform = torch.rand(size, generator=self._generator, dtype=torch.float32)
+        self._drawn += size
+        self._used = 0
 
 
 def random_keep_mask(shape: torch.Size, density: float, seed: int, device: torch.device) -> torch.Tensor:
     """Return a boolean mask whose entries are true independently with probability `density`.
 
-    The draws come from a CPU `torch.Generator` seeded with `seed`, so the mask depends only on
-    (shape, density, seed): not on the device, the thread count or the order in which tensors
-    are merged. The mask is then moved to `device`.
+    This is the whole of the mask that `RandomKeepMasks` hands out chunk by chunk.
     """
     numel = math.prod(shape)
     if density >= 1:
         return torch.ones(shape, dtype=torch.bool, device=device)
     if density <= 0:
         return torch.zeros(shape, dtype=torch.bool, device=device)
-
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed)
-    keep = torch.empty(numel, dtype=torch.bool)
-    for start in range(0, numel, _RANDOM_BLOCK):
-        stop = min(numel, start + _RANDOM_BLOCK)
-        uniform = torch.rand(stop - start, generator=generator, dtype=torch.float32)
-        torch.lt(uniform, density, out=keep[start:stop])
-    return keep.view(shape).to(device)
+    return RandomKeepMasks(numel, density, seed).next(numel, device=device).view(shape)
 
 
-def drop_and_rescale(delta: torch.Tensor, density: float, seed: int, *, rescale: bool) -> torch.Tensor:
-    """Overwrite `delta` with DARE's m ⊙ δ / density, m ~ Bernoulli(density), and return it.
+def drop_and_rescale(delta: torch.Tensor, density: float, keep: torch.Tensor | None, *, rescale: bool) -> torch.Tensor:
+    """Overwrite `delta` with DARE's m ⊙ δ / density, m the 0/1 mask `keep`, and return it.
 
     Without `rescale` the kept entries are not divided. Density 1 leaves `delta` unchanged, and
-    density 0 zeroes it rather than dividing 0 by 0.
+    density 0 zeroes it rather than dividing 0 by 0. `keep` is only read for densities in between.
     """
     if density >= 1:
         return delta
     if density <= 0:
         return delta.zero_()
+    if keep is None:
+        raise ValueError(f"density {density} drops entries at random, so it needs a keep mask, got None")
     # Multiplying by the mask is faster on CPU than a masked fill.
-    delta.mul_(random_keep_mask(delta.shape, density, seed, delta.device))
+    delta.mul_(keep)
     if rescale:
         delta.div_(density)
     return delta
 
 
-def elect_signs(deltas: Sequence[torch.Tensor], weights: Sequence[float], *, sign_election: str) -> torch.Tensor:
-    """Return the elected sign γ (+1 or −1 at every coordinate) of a list of task vectors.
-
-    γ = sign(Σ τᵢ) for "trimmed" and sign(Σ wᵢ τᵢ) for "weighted". Where the sum is exactly 0,
-    γ takes the majority sign of the other coordinates of the tensor (the sign of Σ γ, as the
-    TIES paper resolves it), and +1 when that is a tie too.
-    """
+def check_sign_election(sign_election: str) -> None:
+    """Raise ValueError unless `sign_election` is one of `SIGN_ELECTIONS`."""
     if sign_election not in SIGN_ELECTIONS:
         raise ValueError(f"sign_election must be one of {SIGN_ELECTIONS}, got {sign_election!r}")
+
+
+def elected_sum(
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    sign_election: str,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Return the sum whose sign is elected: Σ τᵢ for "trimmed", Σ wᵢ τᵢ for "weighted".
+
+    The sum is written into `out` when it is given.
+    """
+    check_sign_election(sign_election)
     if not deltas:
         raise ValueError("the sign election needs at least one task vector, got none")
     weighted = sign_election == "weighted"
-
-    total = deltas[0] * weights[0] if weighted else deltas[0].clone()
+    if weighted:
+        total = torch.mul(deltas[0], weights[0], out=out)
+    else:
+        total = deltas[0].clone() if out is None else out.copy_(deltas[0])
     for delta, weight in zip(deltas[1:], weights[1:]):
         total.add_(delta, alpha=weight if weighted else 1)
+    return total
 
-    # Counting in int64 keeps the majority exact on tensors past float32's 2**24 integer range.
-    positive = int(torch.count_nonzero(total > 0))
-    negative = int(torch.count_nonzero(total < 0))
-    majority = 1 if positive >= negative else -1
+
+def sign_balance(total: torch.Tensor) -> int:
+    """Return how many entries of `total` are positive minus how many are negative."""
+    # Counting in int64 keeps the balance exact on tensors past float32's 2**24 integer range.
+    return int(torch.count_nonzero(total > 0)) - int(torch.count_nonzero(total < 0))
+
+
+def _sum_of_signs(signs: torch.Tensor) -> int:
+    """Return the exact sum of a chunk of −1, 0 and +1 values: a faster `sign_balance` for chunks."""
+    if signs.numel() > _EXACT_SIGN_SUM:
+        return sign_balance(signs)
+    # Every partial sum is an integer no larger than the count, so float32 represents it exactly.
+    return int(signs.sum(dtype=torch.float64 if signs.element_size() > 4 else torch.float32))
+
+
+def majority_sign(balance: int) -> int:
+    """Return the majority sign for a `sign_balance`: +1, or −1 when negative entries outnumber positive ones."""
+    return 1 if balance >= 0 else -1
+
+
+def elect_signs(
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    sign_election: str,
+    majority: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Return the elected sign γ (+1 or −1 at every coordinate) of a list of task vectors.
+
+    γ = sign(Σ τᵢ) for "trimmed" and sign(Σ wᵢ τᵢ) for "weighted". Where the sum is exactly 0,
+    γ is `majority`. By default that is the majority sign of the other coordinates (the sign
+    of Σ γ, as the TIES paper resolves it), and +1 when that is a tie too. A caller that
+    elects a tensor in chunks passes the majority of the whole tensor. The signs are written
+    into `out` when it is given.
+    """
+    total = elected_sum(deltas, weights, sign_election=sign_election, out=out)
+    if majority is None:
+        majority = majority_sign(sign_balance(total))
 
     # Map sign(total) = −1, 0, +1 to −1, majority, +1: clamp(2·sign + majority, −1, 1).
     # Whole-tensor float arithmetic avoids a masked fill, which is several times slower on CPU.
@@ -268,22 +487,34 @@ def disjoint_merge(
     *,
     sign_election: str,
     normalize: bool,
+    majority: int | None = None,
+    scratch: ChunkScratch | None = None,
 ) -> torch.Tensor:
     """Elect a sign per coordinate and merge only the task vectors that agree with it.
 
     A = {i : sign(τᵢ) == γ and τᵢ ≠ 0} at each coordinate. The result is Σ_{i∈A} wᵢ τᵢ, divided
     by Σ_{i∈A} wᵢ when `normalize` is true. Where that divisor is 0 (no model agrees, or the
-    agreeing weights cancel) the result is 0, never NaN.
+    agreeing weights cancel) the result is +0, never NaN. `majority` is passed to `elect_signs`.
 
-    The deltas are overwritten, so pass tensors you own.
+    The deltas are overwritten, and the result is the first delta's buffer, so pass tensors
+    you own.
     """
-    signs = elect_signs(deltas, weights, sign_election=sign_election)
+    first = deltas[0]
+    signs = elect_signs(
+        deltas,
+        weights,
+        sign_election=sign_election,
+        majority=majority,
+        out=None if scratch is None else _buffer(scratch, "signs", first.dtype, first),
+    )
 
     # γ·τ is positive exactly where τ agrees with γ, so clamping it at 0 drops the other entries
     # and the zeros. Every step is exact: products with ±1 and a clamp. sign() of the clamped
     # value is the 0/1 indicator of agreement that the divisor counts.
-    agreeing = deltas[0].mul_(signs).clamp_(min=0)
-    denominator = agreeing.sign().mul_(weights[0]) if normalize else None
+    agreeing = first.mul_(signs).clamp_(min=0)
+    denominator = None
+    if normalize:
+        denominator = torch.sign(agreeing, out=_buffer(scratch, "denominator", first.dtype, first)).mul_(weights[0])
     # The first task vector's buffer becomes the numerator, which saves one tensor.
     numerator = agreeing.mul_(signs).mul_(weights[0])
     for delta, weight in zip(deltas[1:], weights[1:]):
@@ -291,10 +522,61 @@ def disjoint_merge(
         numerator.addcmul_(agreeing, signs, value=weight)
         if denominator is not None:
             denominator.add_(agreeing.sign_(), alpha=weight)
-    del signs
 
     if denominator is None:
         return numerator
-    empty = denominator == 0
-    denominator.masked_fill_(empty, 1)
-    return numerator.div_(denominator).masked_fill_(empty, 0)
+    # Divide by 1 where the divisor is 0, then clear those quotients' bits to +0. Integer masks
+    # give the same values as two masked fills at a fraction of their cost on CPU.
+    empty = torch.eq(denominator, 0, out=_buffer(scratch, "empty", _bits(first).dtype, first))
+    denominator.add_(empty)
+    numerator.div_(denominator)
+    _bits(numerator).bitwise_and_(empty.sub_(1))
+    return numerator
+
+
+def consensus_merge(
+    chunks: Callable[[], Iterable[Chunk]],
+    output: torch.Tensor,
+    weights: Sequence[float],
+    *,
+    sign_election: str,
+    normalize: bool,
+    scale: float,
+    scratch: ChunkScratch | None = None,
+) -> torch.Tensor:
+    """Write θ₀ + scale · (disjoint merge of the task vectors) into the flat `output`, chunk by chunk.
+
+    `chunks()` is called once per pass and must yield the same sparsified task vectors every
+    time, in flat order. The merge needs two passes because a coordinate whose elected sum is 0
+    takes the majority sign of the whole tensor:
+
+    1. Sum the signs of the elected sums over the whole tensor.
+    2. Merge each chunk with that majority and add it to the base.
+
+    So each chunk equals the whole-tensor `disjoint_merge` at its coordinates, bit for bit.
+    """
+    check_sign_election(sign_election)
+
+    balance = 0
+    for chunk in chunks():
+        first = chunk.deltas[0]
+        total = elected_sum(
+            chunk.deltas,
+            weights,
+            sign_election=sign_election,
+            out=None if scratch is None else _buffer(scratch, "signs", first.dtype, first),
+        )
+        balance += _sum_of_signs(total.sign_())
+    majority = majority_sign(balance)
+
+    for chunk in chunks():
+        merged = disjoint_merge(
+            chunk.deltas,
+            weights,
+            sign_election=sign_election,
+            normalize=normalize,
+            majority=majority,
+            scratch=scratch,
+        )
+        torch.add(merged.mul_(scale), chunk.base, out=output[chunk.start : chunk.stop])
+    return output

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from mergekit_plus.methods.base import MergeMethod, Param
+from mergekit_plus.methods.chunks import TaskVectors
 from mergekit_plus.methods.linear import (
     check_weight_sum,
     validate_inputs,
@@ -90,16 +91,26 @@ def operator(
     params: Mapping[str, Any],
     model_params: Sequence[Mapping[str, Any]],
     seeds: Sequence[int],
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Return θ₀ + λ · Σ wᵢ (θᵢ − θ₀), divided by Σ wᵢ inside when `normalize` is true."""
+    """Return θ₀ + λ · Σ wᵢ (θᵢ − θ₀), divided by Σ wᵢ inside when `normalize` is true.
+
+    Works chunk by chunk, so besides the result only one chunk per input exists in the compute
+    dtype. `seeds` is unused.
+    """
     if base is None:
         raise ValueError("task_arithmetic needs a base model tensor, got None")
     validate_inputs(base, tensors, model_params)
     weights = [mp["weight"] for mp in model_params]
+    if params["normalize"] and weights_sum_to_zero(weights):
+        raise ValueError(zero_weight_sum_message(weights))
 
-    deltas = (tensor - base for tensor in tensors)
-    merged = weighted_sum(deltas, weights, normalize=params["normalize"])
-    return merged.mul_(params["lambda"]).add_(base)
+    inputs = TaskVectors(base, tensors, compute_dtype)
+    output = inputs.empty_output()
+    for chunk in inputs.chunks():
+        merged = weighted_sum(chunk.deltas, weights, normalize=params["normalize"])
+        torch.add(merged.mul_(params["lambda"]), chunk.base, out=output[chunk.start : chunk.stop])
+    return output.view(inputs.shape)
 
 
 METHOD = MergeMethod(

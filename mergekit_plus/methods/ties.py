@@ -35,14 +35,22 @@ merge and its "normfrac" and "normmass" elections are not implemented either.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from mergekit_plus.methods.base import MergeMethod, Param
+from mergekit_plus.methods.chunks import Chunk, ChunkScratch, TaskVectors
 from mergekit_plus.methods.linear import validate_inputs
-from mergekit_plus.methods.sparsify import SIGN_ELECTIONS, disjoint_merge, keep_count, magnitude_mask
+from mergekit_plus.methods.sparsify import (
+    SIGN_ELECTIONS,
+    MagnitudeMasks,
+    MagnitudeSelection,
+    check_sign_election,
+    consensus_merge,
+    keep_count,
+)
 from mergekit_plus.methods.task_arithmetic import LAMBDA, WEIGHT, normalize_param
 
 SIGN_ELECTION = Param(
@@ -55,15 +63,52 @@ SIGN_ELECTION = Param(
 )
 
 
-def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the floor(density · numel) largest-magnitude entries of `delta`, in place."""
-    k = keep_count(density, delta.numel())
-    if k == 0:
-        return delta.zero_()
-    if k < delta.numel():
-        # Multiplying by the mask is faster on CPU than a masked fill.
-        delta.mul_(magnitude_mask(delta, k))
-    return delta
+class Trim:
+    """The trim of one model's task vector: keep its k = floor(density · numel) largest magnitudes."""
+
+    def __init__(self, density: float, numel: int, dtype: torch.dtype):
+        self.k = keep_count(density, numel)
+        self.selection = MagnitudeSelection(self.k, numel, dtype) if 0 < self.k < numel else None
+
+    @property
+    def ready(self) -> bool:
+        """Whether the threshold is known, so that `apply` can run."""
+        return self.selection is None or self.selection.done
+
+    def masks(self) -> MagnitudeMasks | None:
+        """Return a fresh mask maker for one pass, or None when the trim keeps all or nothing."""
+        return self.selection.masks() if self.selection is not None else None
+
+    def apply(self, delta: torch.Tensor, masks: MagnitudeMasks | None, scratch: ChunkScratch) -> None:
+        """Zero the entries of one chunk of the task vector that the trim drops, in place."""
+        if self.k == 0:
+            delta.zero_()
+        elif masks is not None:
+            # A 0/1 mask in the delta's own dtype multiplies faster on CPU than a bool mask, and
+            # both are faster than a masked fill.
+            keep = scratch.get("keep", delta.dtype, delta.numel())
+            delta.mul_(masks.next(delta, out=keep, scratch=scratch))
+
+
+def find_thresholds(inputs: TaskVectors, trims: Sequence[Trim]) -> None:
+    """Run the histogram passes over the task vectors until every trim's threshold is exact."""
+    pending = [index for index, trim in enumerate(trims) if not trim.ready]
+    while pending:
+        for chunk in inputs.chunks(pending):
+            for index, delta in zip(pending, chunk.deltas):
+                trims[index].selection.count(delta, inputs.scratch)
+        for index in pending:
+            trims[index].selection.next_digit()
+        pending = [index for index in pending if not trims[index].ready]
+
+
+def trimmed_chunks(inputs: TaskVectors, trims: Sequence[Trim]) -> Iterator[Chunk]:
+    """Yield every chunk of the task vectors with the trims applied, in flat order."""
+    masks = [trim.masks() for trim in trims]
+    for chunk in inputs.chunks():
+        for trim, trim_masks, delta in zip(trims, masks, chunk.deltas):
+            trim.apply(delta, trim_masks, inputs.scratch)
+        yield chunk
 
 
 def operator(
@@ -73,22 +118,34 @@ def operator(
     params: Mapping[str, Any],
     model_params: Sequence[Mapping[str, Any]],
     seeds: Sequence[int],
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Return θ₀ + λ · (disjoint merge of the trimmed task vectors). `seeds` is unused."""
+    """Return θ₀ + λ · (disjoint merge of the trimmed task vectors). `seeds` is unused.
+
+    The tensor is processed in chunks, so besides the result only a few chunk-sized buffers
+    per model exist. It takes one histogram pass per digit of the trim thresholds (at most one
+    for 16-bit floats, two for float32 and four for float64, see `MagnitudeSelection`), one
+    pass to count the elected signs and one to merge.
+    """
     if base is None:
         raise ValueError("ties needs a base model tensor, got None")
     validate_inputs(base, tensors, model_params)
+    check_sign_election(params["sign_election"])
     weights = [mp["weight"] for mp in model_params]
+    inputs = TaskVectors(base, tensors, compute_dtype)
+    trims = [Trim(mp["density"], inputs.numel, compute_dtype) for mp in model_params]
 
-    trimmed = [trim(tensor - base, mp["density"]) for tensor, mp in zip(tensors, model_params)]
-    merged = disjoint_merge(
-        trimmed,
+    find_thresholds(inputs, trims)
+    merged = consensus_merge(
+        lambda: trimmed_chunks(inputs, trims),
+        inputs.empty_output(),
         weights,
         sign_election=params["sign_election"],
         normalize=params["normalize"],
+        scale=params["lambda"],
+        scratch=inputs.scratch,
     )
-    del trimmed
-    return merged.mul_(params["lambda"]).add_(base)
+    return merged.view(inputs.shape)
 
 
 METHOD = MergeMethod(

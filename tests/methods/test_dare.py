@@ -12,13 +12,20 @@ from mergekit_plus.methods.ties import METHOD as TIES
 BOTH = [DARE_LINEAR, DARE_TIES]
 
 
-def merge(method, base, tensors, weights, densities, seeds=None, **overrides):
-    """Call the operator the way the planner does, with every default filled in."""
+def merge(method, base, tensors, weights, densities, seeds=None, compute_dtype=None, **overrides):
+    """Call the operator the way the planner does, with every default filled in.
+
+    The compute dtype defaults to the inputs' dtype.
+    """
     params = {p.name: p.default for p in method.global_params} | overrides
     model_params = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
     if seeds is None:
         seeds = list(range(100, 100 + len(tensors)))
-    return method.operator(base, tensors, params=params, model_params=model_params, seeds=seeds)
+    if compute_dtype is None:
+        compute_dtype = tensors[0].dtype
+    return method.operator(
+        base, tensors, params=params, model_params=model_params, seeds=seeds, compute_dtype=compute_dtype
+    )
 
 
 def random_models(count, shape, seed=0):

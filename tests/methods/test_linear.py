@@ -8,11 +8,18 @@ import torch
 from mergekit_plus.methods.linear import METHOD
 
 
-def merge(tensors, weights, **overrides):
-    """Call the operator the way the planner does: every default filled in, `base` None."""
+def merge(tensors, weights, compute_dtype=None, **overrides):
+    """Call the operator the way the planner does: every default filled in, `base` None.
+
+    The compute dtype defaults to the inputs' dtype.
+    """
     params = {p.name: p.default for p in METHOD.global_params} | overrides
     model_params = [{"weight": w} for w in weights]
-    return METHOD.operator(None, tensors, params=params, model_params=model_params, seeds=[0] * len(tensors))
+    if compute_dtype is None:
+        compute_dtype = tensors[0].dtype if tensors else torch.float32
+    return METHOD.operator(
+        None, tensors, params=params, model_params=model_params, seeds=[0] * len(tensors), compute_dtype=compute_dtype
+    )
 
 
 def test_linear_declaration():

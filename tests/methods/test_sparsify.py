@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergekit_plus.methods import sparsify
+from mergekit_plus.methods import chunks, sparsify
+from mergekit_plus.methods.chunks import Chunk, chunk_bounds
 from mergekit_plus.methods.sparsify import (
+    MagnitudeSelection,
+    RandomKeepMasks,
+    consensus_merge,
     disjoint_merge,
     drop_and_rescale,
     elect_signs,
@@ -90,9 +94,9 @@ def test_magnitude_mask_matches_sort(dtype):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_magnitude_mask_small_blocks(monkeypatch, dtype):
-    # Blocks of 16 entries send the float32 path through many blocks, with sparse and dense buckets.
-    monkeypatch.setattr(sparsify, "_BLOCK", 16)
+def test_magnitude_mask_small_chunks(monkeypatch, dtype):
+    # Chunks of 16 entries spread each histogram pass and the tie count over many chunks.
+    monkeypatch.setattr(chunks, "CHUNK_NUMEL", 16)
     generator = torch.Generator().manual_seed(1)
     for values in sample_tensors(dtype, generator):
         for k in (1, values.numel() // 4, values.numel() // 2, values.numel() - 1):
@@ -127,6 +131,87 @@ def test_magnitude_mask_leaves_input():
 def test_magnitude_mask_rejects_integers():
     with pytest.raises(TypeError, match="floating-point tensor, got torch.int64"):
         magnitude_mask(torch.tensor([1, 2, 3]), 1)
+
+
+def select(values: torch.Tensor, k: int) -> tuple[MagnitudeSelection, int]:
+    """Run a selection over the chunks of `values`, and return it with the number of passes it took."""
+    flat = values.reshape(-1)
+    selection = MagnitudeSelection(k, flat.numel(), values.dtype)
+    passes = 0
+    while not selection.done:
+        for start, stop in chunk_bounds(flat.numel()):
+            selection.count(flat[start:stop])
+        selection.next_digit()
+        passes += 1
+    return selection, passes
+
+
+def test_selection_one_pass_for_bfloat16_task_vectors():
+    generator = torch.Generator().manual_seed(4)
+    base = torch.randn(500, generator=generator).bfloat16()
+    model = (base.float() + torch.randn(500, generator=generator) * 0.01).bfloat16()
+    # Differences of nearby bfloat16 values need few significant bits, so their low 16 float32
+    # bits are 0 and the first digit's zero-low-bits count settles the threshold.
+    task_vector = model.float() - base.float()
+    selection, passes = select(task_vector, 100)
+    assert passes == 1
+    assert selection.tied_kept >= 1
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected_passes"),
+    [(torch.float16, 1), (torch.bfloat16, 1), (torch.float32, 2), (torch.float64, 4)],
+)
+def test_selection_passes_per_dtype(dtype, expected_passes):
+    # Keys that agree in every digit but the last one need a pass per digit.
+    one = torch.tensor(1.0, dtype=dtype)
+    offsets = torch.tensor([5, 3, 9, 3, 0, 9, 7], dtype=_int_dtype(dtype))
+    values = (one.view(_int_dtype(dtype)) + offsets).view(dtype)
+    selection, passes = select(values, 3)
+    assert passes == expected_passes
+    assert selection.tied_kept == selection.tied_total
+
+
+def test_selection_stops_above_bucket_minimum():
+    # Two keys above 1.0 share 1.0's top 16 bits, and k = 2 keeps exactly those two.
+    one = torch.tensor(1.0).view(torch.int32)
+    values = (one + torch.tensor([0, 7, 0, 5, 0], dtype=torch.int32)).view(torch.float32)
+    selection, passes = select(values, 2)
+    assert passes == 1
+    assert selection.tied_kept == 0
+    assert magnitude_mask(values, 2).tolist() == [False, True, False, True, False]
+
+
+def test_selection_rejects_trivial_k():
+    with pytest.raises(ValueError, match="needs 0 < k < numel, got k=4 for 4 entries"):
+        MagnitudeSelection(4, 4, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_magnitude_mask_ties_straddle_chunks(monkeypatch, dtype):
+    # Chunks of 16 and tie searches in blocks of 4: the tied entries run over many chunks, so
+    # the count of kept ties carries across chunk and block boundaries.
+    monkeypatch.setattr(chunks, "CHUNK_NUMEL", 16)
+    monkeypatch.setattr(sparsify, "_SEARCH_BLOCK", 4)
+    generator = torch.Generator().manual_seed(5)
+    values = torch.randint(-2, 3, (203,), generator=generator).to(dtype) * 0.5
+    for k in range(1, values.numel(), 7):
+        mask = magnitude_mask(values, k)
+        assert int(mask.sum()) == k
+        assert torch.equal(mask, sorted_top_k(values, k)), (dtype, k)
+
+
+def test_magnitude_mask_float64_low_digit(monkeypatch):
+    monkeypatch.setattr(chunks, "CHUNK_NUMEL", 16)
+    generator = torch.Generator().manual_seed(6)
+    one = torch.tensor(1.0, dtype=torch.float64).view(torch.int64)
+    values = (one + torch.randint(0, 40, (100,), generator=generator)).view(torch.float64)
+    for k in (1, 13, 50, 99):
+        assert torch.equal(magnitude_mask(values, k), sorted_top_k(values, k)), k
+
+
+def _int_dtype(dtype: torch.dtype) -> torch.dtype:
+    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
 
 
 # random_keep_mask and drop_and_rescale
@@ -164,6 +249,35 @@ def test_random_mask_spans_blocks(monkeypatch):
     assert torch.equal(whole, blocked)
 
 
+def test_random_masks_in_pieces_match_whole():
+    whole = random_keep_mask(torch.Size([5000]), 0.3, 21, torch.device("cpu"))
+    masks = RandomKeepMasks(5000, 0.3, 21)
+    pieces = [masks.next(size).clone() for size in (1, 999, 2048, 1952)]
+    assert torch.equal(torch.cat(pieces), whole)
+
+
+def test_random_masks_across_blocks(monkeypatch):
+    monkeypatch.setattr(sparsify, "_RANDOM_BLOCK", 64)
+    whole = random_keep_mask(torch.Size([1000]), 0.6, 8, torch.device("cpu"))
+    masks = RandomKeepMasks(1000, 0.6, 8)
+    pieces = [masks.next(size).clone() for size in (100, 28, 500, 372)]
+    assert torch.equal(torch.cat(pieces), whole)
+
+
+def test_random_masks_float_dtype_matches_bool():
+    as_bool = RandomKeepMasks(300, 0.4, 9).next(300)
+    as_float = RandomKeepMasks(300, 0.4, 9).next(300, dtype=torch.float32)
+    assert as_float.dtype == torch.float32
+    assert torch.equal(as_float, as_bool.float())
+
+
+def test_random_masks_reject_overdraw():
+    masks = RandomKeepMasks(10, 0.5, 1)
+    masks.next(10)
+    with pytest.raises(ValueError, match="the mask has only 10 entries, and all of them were handed out"):
+        masks.next(1)
+
+
 def test_random_mask_keep_fraction():
     mask = random_keep_mask(torch.Size([200_000]), 0.3, 11, torch.device("cpu"))
     # The standard deviation of the fraction is sqrt(0.3 * 0.7 / 200000), about 0.001.
@@ -177,18 +291,25 @@ def test_random_mask_density_edges():
 
 def test_drop_and_rescale_values():
     delta = torch.arange(1.0, 1001.0)
-    dropped = drop_and_rescale(delta.clone(), 0.25, 5, rescale=True)
+    keep = random_keep_mask(delta.shape, 0.25, 5, delta.device)
+    dropped = drop_and_rescale(delta.clone(), 0.25, keep, rescale=True)
     kept = dropped != 0
+    assert torch.equal(kept, keep)
     assert torch.equal(dropped[kept], delta[kept] / 0.25)
-    unscaled = drop_and_rescale(delta.clone(), 0.25, 5, rescale=False)
+    unscaled = drop_and_rescale(delta.clone(), 0.25, keep, rescale=False)
     assert torch.equal(unscaled != 0, kept)
     assert torch.equal(unscaled[kept], delta[kept])
 
 
 def test_drop_and_rescale_density_edges():
     delta = torch.tensor([1.0, -2.0, 3.0])
-    assert torch.equal(drop_and_rescale(delta.clone(), 0.0, 0, rescale=True), torch.zeros(3))
-    assert torch.equal(drop_and_rescale(delta.clone(), 1.0, 0, rescale=True), delta)
+    assert torch.equal(drop_and_rescale(delta.clone(), 0.0, None, rescale=True), torch.zeros(3))
+    assert torch.equal(drop_and_rescale(delta.clone(), 1.0, None, rescale=True), delta)
+
+
+def test_drop_and_rescale_rejects_missing_mask():
+    with pytest.raises(ValueError, match="density 0.5 drops entries at random, so it needs a keep mask"):
+        drop_and_rescale(torch.ones(3), 0.5, None, rescale=True)
 
 
 def test_drop_and_rescale_unbiased():
@@ -196,7 +317,8 @@ def test_drop_and_rescale_unbiased():
     total = torch.zeros(4)
     draws = 4000
     for seed in range(draws):
-        total += drop_and_rescale(delta.clone(), 0.5, seed, rescale=True)
+        keep = random_keep_mask(delta.shape, 0.5, seed, delta.device)
+        total += drop_and_rescale(delta.clone(), 0.5, keep, rescale=True)
     # Each draw has standard deviation |δ| at density 0.5, so the mean's is |δ| / 63.
     torch.testing.assert_close(total / draws, delta, rtol=0.06, atol=0.0)
 
@@ -268,3 +390,56 @@ def test_disjoint_merge_matches_masked_reference():
 def test_elect_signs_rejects_empty_list():
     with pytest.raises(ValueError, match="needs at least one task vector, got none"):
         elect_signs([], [], sign_election="trimmed")
+
+
+def test_disjoint_merge_explicit_majority():
+    deltas = [torch.tensor([0.5, 0.3, 0.2]), torch.tensor([-0.5, 0.1, 0.4])]
+    # Σ τ = [0, 0.4, 0.6]: the tensor's own majority is +, but a passed majority wins.
+    merged = disjoint_merge(
+        [d.clone() for d in deltas], [1.0, 1.0], sign_election="trimmed", normalize=True, majority=-1
+    )
+    torch.testing.assert_close(merged, torch.tensor([-0.5, 0.2, 0.3]))
+
+
+def chunked(base: torch.Tensor, deltas: list[torch.Tensor], size: int):
+    """Return a `consensus_merge` chunk source that yields fresh copies of each chunk."""
+
+    def chunk_source():
+        for start in range(0, base.numel(), size):
+            stop = min(base.numel(), start + size)
+            yield Chunk(start, stop, base[start:stop], [delta[start:stop].clone() for delta in deltas])
+
+    return chunk_source
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("sign_election", ["trimmed", "weighted"])
+def test_consensus_merge_matches_whole_tensor(normalize, sign_election):
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(500, generator=generator)
+    # Most sums are negative, and the first chunks hold only cancelling pairs, so a chunk's own
+    # majority would be wrong there: the whole tensor's majority must be used.
+    step = torch.randint(-2, 3, (500,), generator=generator).float()
+    drift = torch.where(torch.arange(500) < 200, 0.0, -torch.rand(500, generator=generator))
+    deltas = [step, -step, drift]
+    weights = [1.0, 1.0, 0.5]
+
+    output = torch.empty(500)
+    consensus_merge(
+        chunked(base, deltas, 64),
+        output,
+        weights,
+        sign_election=sign_election,
+        normalize=normalize,
+        scale=0.5,
+    )
+    expected = disjoint_merge(
+        [d.clone() for d in deltas], weights, sign_election=sign_election, normalize=normalize
+    ).mul_(0.5).add_(base)
+    assert torch.equal(output.view(torch.int32), expected.view(torch.int32))
+
+
+def test_consensus_merge_rejects_unknown_election():
+    with pytest.raises(ValueError, match="sign_election must be one of"):
+        consensus_merge(chunked(torch.zeros(2), [torch.ones(2)], 2), torch.empty(2), [1.0],
+                        sign_election="mass", normalize=True, scale=1.0)

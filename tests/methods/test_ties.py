@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mergekit_plus.methods import chunks
 from mergekit_plus.methods.task_arithmetic import METHOD as TASK_ARITHMETIC
 from mergekit_plus.methods.ties import METHOD
 
@@ -17,11 +18,18 @@ TASK_VECTORS = [
 BASE = [1.0, -1.0, 0.5, 2.0, 0.0, 3.0]
 
 
-def merge(base, tensors, weights, densities, **overrides):
-    """Call the operator the way the planner does, with every default filled in."""
+def merge(base, tensors, weights, densities, compute_dtype=None, **overrides):
+    """Call the operator the way the planner does, with every default filled in.
+
+    The compute dtype defaults to the inputs' dtype.
+    """
     params = {p.name: p.default for p in METHOD.global_params} | overrides
     model_params = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
-    return METHOD.operator(base, tensors, params=params, model_params=model_params, seeds=[0] * len(tensors))
+    if compute_dtype is None:
+        compute_dtype = tensors[0].dtype
+    return METHOD.operator(
+        base, tensors, params=params, model_params=model_params, seeds=[0] * len(tensors), compute_dtype=compute_dtype
+    )
 
 
 def models_from(task_vectors, base, dtype=torch.float64):
@@ -78,6 +86,24 @@ def test_ties_trim_breaks_ties_by_index():
     torch.testing.assert_close(merged, torch.tensor([0.3, -0.3, 0.0, 0.0]))
 
 
+def test_ties_trim_ties_straddle_chunks(monkeypatch):
+    monkeypatch.setattr(chunks, "CHUNK_NUMEL", 4)
+    base = torch.zeros(8)
+    model = torch.tensor([0.3, 0.1, 0.3, 0.3, 0.3, 0.1, 0.3, 0.2])
+    # k = 4 of five entries tied at 0.3: the kept ties run from the first chunk into the second,
+    # and the fifth one, in the second chunk too, is dropped.
+    merged = merge(base, [model], [1.0], [0.5])
+    assert merged.tolist() == pytest.approx([0.3, 0.0, 0.3, 0.3, 0.3, 0.0, 0.0, 0.0])
+
+
+def test_ties_bfloat16_inputs_in_float64():
+    base, models = models_from(TASK_VECTORS, BASE, dtype=torch.bfloat16)
+    merged = merge(base, models, [1.0] * 3, [4 / 6] * 3, compute_dtype=torch.float64)
+    assert merged.dtype == torch.float64
+    widened = merge(base.double(), [m.double() for m in models], [1.0] * 3, [4 / 6] * 3)
+    assert torch.equal(merged, widened)
+
+
 def test_ties_trimmed_election_follows_paper():
     base = torch.zeros(4)
     model_a = torch.full((4,), 1.0)
@@ -124,7 +150,12 @@ def test_ties_full_density_no_conflict_is_sum():
     merged = merge(base, models, weights, [1.0] * 3, normalize=False)
     params = {"lambda": 1.0, "normalize": False}
     expected = TASK_ARITHMETIC.operator(
-        base, models, params=params, model_params=[{"weight": w} for w in weights], seeds=[0, 0, 0]
+        base,
+        models,
+        params=params,
+        model_params=[{"weight": w} for w in weights],
+        seeds=[0, 0, 0],
+        compute_dtype=torch.float64,
     )
     torch.testing.assert_close(merged, expected)
 
