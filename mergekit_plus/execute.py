@@ -1,7 +1,8 @@
 """The executor: streams the plan tensor by tensor, reading ahead while the current tensor merges.
 
-Knows no method's math: it reads, converts to the compute dtype, calls the method's operator,
-checks the result, converts to the stored dtype and hands the tensor to the shard writer.
+Knows no method's math: it reads, moves the inputs to the device in their stored dtype, calls the
+method's operator (which computes in the compute dtype, chunk by chunk), checks the result, converts
+it to the stored dtype and hands the tensor to the shard writer.
 """
 
 from __future__ import annotations

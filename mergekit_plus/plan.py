@@ -26,6 +26,7 @@ from mergekit_plus.io.vocab import read_vocabulary
 from mergekit_plus.io.writer import CheckpointLayout, PlannedTensor, StagedOutput, plan_layout
 from mergekit_plus.methods import get_method
 from mergekit_plus.methods.base import REQUIRED, MergeMethod
+from mergekit_plus.methods.chunks import CHUNK_NUMEL
 from mergekit_plus.recipe.params import resolve_tensor_parameters
 from mergekit_plus.recipe.schema import Recipe
 from mergekit_plus.recipe.validate import MERGEKIT_IGNORED_PARAMS
@@ -226,19 +227,20 @@ def _warn_about_mergekit_differences(recipe: Recipe, out_dtype: torch.dtype) -> 
 
 
 def estimate_peak_bytes(jobs: list[TensorJob], compute_dtype: torch.dtype, prefetch: int = 2) -> int:
-    """Estimate peak memory in bytes; shards are never buffered.
+    """Estimate an upper bound on the memory of the tensors in flight, in bytes; shards are never buffered.
 
-    The largest job holds its inputs converted to the compute dtype, one task vector per model and
-    two more temporaries (the TIES operator's need, the largest of the methods), plus the raw reads
-    of the jobs being prefetched.
+    The largest job holds its raw reads, its result in the compute dtype and that result converted
+    to the stored dtype. The operators work in fixed chunks, whose buffers are small and counted
+    per input. The reads of the jobs being prefetched come on top.
     """
     if not jobs:
         return 0
     largest = max(jobs, key=lambda job: job.output.nbytes)
     numel = largest.output.nbytes // largest.output.dtype.itemsize
-    working = numel * compute_dtype.itemsize * (2 * len(largest.reads) + 2)
+    working = largest.input_bytes + numel * compute_dtype.itemsize + largest.output.nbytes
+    chunk_buffers = CHUNK_NUMEL * compute_dtype.itemsize * (len(largest.reads) + 4)
     prefetched = sum(sorted((job.input_bytes for job in jobs), reverse=True)[:prefetch])
-    return working + prefetched
+    return working + chunk_buffers + prefetched
 
 
 def _open_inputs(recipe: Recipe) -> tuple[InputModel | None, list[InputModel], ModelSource]:
