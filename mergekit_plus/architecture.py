@@ -89,9 +89,8 @@ def tied_head_names(config: Mapping[str, Any] | None, tensor_names: Iterable[str
     """Heads that transformers rebuilds from the embedding at load time, so the output must not store them."""
     if not ties_word_embeddings(config):
         return set()
-    names = set(tensor_names)
-    has_embedding = any(name.endswith(_EMBEDDING_SUFFIXES) for name in names)
-    return {name for name in _HEAD_NAMES if has_embedding} if has_embedding else set()
+    has_embedding = any(name.endswith(_EMBEDDING_SUFFIXES) for name in tensor_names)
+    return set(_HEAD_NAMES) if has_embedding else set()
 
 
 def sort_key(tensor_name: str) -> tuple[int, int, str]:

@@ -126,40 +126,29 @@ def write_side_files(folder: Path, *, tag: str, added_tokens: list[str] | None =
 # Models
 
 
+# Sizes and token ids shared by the tiny Llama and Qwen2 configs.
+TINY_DECODER = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=HIDDEN_SIZE,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
 def llama_config(**overrides) -> LlamaConfig:
     """Return the tiny Llama config, with `overrides` applied."""
-    values = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    values.update(overrides)
-    return LlamaConfig(**values)
+    return LlamaConfig(**{**TINY_DECODER, "tie_word_embeddings": False, **overrides})
 
 
 def qwen2_tied_config() -> Qwen2Config:
     """Return the tiny Qwen2 config whose output head shares the input embedding."""
-    return Qwen2Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=True,
-    )
+    return Qwen2Config(**TINY_DECODER, tie_word_embeddings=True)
 
 
 def add_seeded_deltas(model: PreTrainedModel, *, seed: int, scale: float) -> PreTrainedModel:
