@@ -49,7 +49,7 @@ class OutputError(MergeError):
 
 
 class MergeValueError(MergeError):
-    """A merged tensor holds values that cannot be stored: NaN, infinity, or out of the output dtype's range."""
+    """A merged tensor contains values that cannot be stored: NaN, infinity, or out of the output dtype's range."""
 
     exit_code = 4
 

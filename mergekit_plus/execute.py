@@ -1,8 +1,8 @@
 """The executor: streams the plan tensor by tensor, reading ahead while the current tensor merges.
 
-Knows no method's math: it reads, moves the inputs to the device in their stored dtype, calls the
-method's operator (which computes in the compute dtype, chunk by chunk), checks the result, converts
-it to the stored dtype and hands the tensor to the shard writer.
+It knows no method's math. It reads, moves the inputs to the device in their stored dtype and calls
+the method's operator, which computes in the compute dtype chunk by chunk. Then it checks the result,
+converts it to the stored dtype and hands the tensor to the shard writer.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def _merge_aligned_rows(plan: Plan, job: TensorJob, tensors: list[torch.Tensor])
 
     Rows are grouped by which inputs hold their token, and each group is merged from those inputs
     alone. Rows that the base lacks (added tokens) are the mean of the models that hold them, so a
-    token added by one model keeps that model's row. Rows that only the base holds keep the base row.
+    token added by one model keeps that model's row. Rows that only the base has keep the base row.
     The inputs are in their stored dtypes, and the result is in the compute dtype.
     """
     device = tensors[0].device

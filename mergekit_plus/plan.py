@@ -79,7 +79,7 @@ class TensorJob:
     seeds: tuple[int, ...] = ()
     row_maps: tuple[torch.Tensor, ...] | None = None
     """For vocabulary tensors under `tokenizer.vocab: align`: one map per read (base first), giving for
-    each output row the input row that holds the same token, or -1 where that input lacks the token."""
+    each output row the input row that has the same token, or -1 where that input lacks the token."""
 
     @property
     def reads(self) -> tuple[TensorRead, ...]:
@@ -229,7 +229,7 @@ def _warn_about_mergekit_differences(recipe: Recipe, out_dtype: torch.dtype) -> 
 def estimate_peak_bytes(jobs: list[TensorJob], compute_dtype: torch.dtype, prefetch: int = 2) -> int:
     """Estimate an upper bound on the memory of the tensors in flight, in bytes; shards are never buffered.
 
-    The largest job holds its raw reads, its result in the compute dtype and that result converted
+    The largest job keeps its raw reads, its result in the compute dtype and that result converted
     to the stored dtype. The operators work in fixed chunks, whose buffers are small and counted
     per input. The reads of the jobs being prefetched come on top.
     """
@@ -462,7 +462,7 @@ class VocabAlignment:
         return cls(source, vocabularies)
 
     def output_rows(self, tensor_name: str) -> int:
-        """The row count of an output vocabulary tensor: the tokenizer source's own row count."""
+        """Return the row count of an output vocabulary tensor: the tokenizer source's own row count."""
         stored = self.source.reader.tensors.get(tensor_name)
         if stored is None:
             alias = _head_alias(self.source.reader, tensor_name)
@@ -470,7 +470,7 @@ class VocabAlignment:
         return stored.shape[0] if stored is not None else len(self._source_tokens)
 
     def row_map(self, model: InputModel, input_rows: int, output_rows: int) -> torch.Tensor:
-        """For each output row, the row of `model` that holds the same token, or -1.
+        """Map each output row to the row of `model` that has the same token, or to -1.
 
         Rows past the source's vocabulary (padding rows) match by position when `model` has such
         a row and no token of its own sits there.

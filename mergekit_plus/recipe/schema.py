@@ -86,7 +86,7 @@ class OutputSpec(_Strict):
 
 
 class TokenizerSpec(_Strict):
-    """Where the tokenizer comes from, and how embedding rows of different vocabularies are matched.
+    """The tokenizer source, and the rule that matches embedding rows of different vocabularies.
 
     `vocab: strict` requires equal vocabulary tensors. `vocab: align` matches rows by token string to
     the source's vocabulary; a row that some inputs lack is merged from the inputs that have it.

@@ -45,7 +45,7 @@ def test_filters_substring_and_glob():
     assert not filter_matches("*.layers.1.*", "model.layers.11.mlp.up_proj.weight")
 
 
-def test_first_matching_filter_wins_and_values_can_be_gradients():
+def test_first_matching_filter_wins():
     value = [{"filter": "mlp", "value": [0.0, 1.0]}, {"filter": "layers", "value": 0.3}, {"value": 0.9}]
     middle = LayerPosition(0.5)
     assert evaluate_value(value, "model.layers.1.mlp.up_proj.weight", middle) == pytest.approx(0.5)
