@@ -12,7 +12,7 @@ import hashlib
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,12 @@ class InputModel:
     index: int
     source: ModelSource
     reader: CheckpointReader
+    prefix: str = ""
+    """What this input's tensor names carry before the reference's names, such as `bert.` for a
+    `BertForSequenceClassification` fine-tune of a bare `BertModel` base; empty when names match."""
+
+    def stored_name(self, name: str) -> str:
+        return self.prefix + name
 
     @property
     def label(self) -> str:
@@ -186,6 +192,7 @@ def build_plan(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
 
     # 3. Tensors: the output keeps the reference's tensors, less heads that the config ties.
     reference = base if base is not None else models[0]
+    models = [_with_task_model_prefix(model, reference) for model in models]
     config = reference.reader.config
     compute_dtype = DTYPES[recipe.dtype]
     out_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else _dominant_float_dtype(reference)
@@ -241,6 +248,26 @@ def estimate_peak_bytes(jobs: list[TensorJob], compute_dtype: torch.dtype, prefe
     chunk_buffers = CHUNK_NUMEL * compute_dtype.itemsize * (len(largest.reads) + 4)
     prefetched = sum(sorted((job.input_bytes for job in jobs), reverse=True)[:prefetch])
     return working + chunk_buffers + prefetched
+
+
+def _with_task_model_prefix(model: InputModel, reference: InputModel) -> InputModel:
+    """Find the prefix under which `model` holds every tensor of `reference`, for a task model of a bare base.
+
+    A fine-tune saved with a task head (`BertForSequenceClassification`, say) stores the encoder as
+    `bert.*` beside `classifier.*`, while its pretrained base is a bare `BertModel`. The prefix is
+    taken only when the names do not match as they are and one first name component covers them all.
+    """
+    names, ref_names = set(model.reader.tensors), set(reference.reader.tensors)
+    if model is reference or ref_names <= names or not ref_names:
+        return model
+    first_parts = {name.split(".", 1)[0] for name in names if "." in name}
+    for part in sorted(first_parts):
+        prefix = part + "."
+        if all(prefix + name in names for name in ref_names):
+            logger.info("%s stores the reference's tensors under `%s`; the tensors outside it are left out",
+                        model.label, prefix)
+            return replace(model, prefix=prefix)
+    return model
 
 
 def _open_inputs(recipe: Recipe) -> tuple[InputModel | None, list[InputModel], ModelSource]:
@@ -338,11 +365,17 @@ def _plan_tensors(recipe: Recipe, method: MergeMethod, base: InputModel | None, 
     dropped = [(name, "tied to the input embedding by tie_word_embeddings in the output config")
                for name in sorted(tied & ref_names)]
 
-    # Tensors an input has beyond the reference would be lost silently; report them.
+    # Tensors an input has beyond the reference would be lost silently; report them. A task model's
+    # head (outside its prefix) is the one exception: it belongs to that task, so it stays out.
     for model in [m for m in (base, *models) if m is not None and m is not reference]:
-        for name in sorted(set(model.reader.tensors) - ref_names - tied):
-            problems.add(f"present in {model.label} but not in {reference.label}", name,
-                         hint="merge checkpoints of the same architecture and size")
+        for stored in sorted(model.reader.tensors):
+            if model.prefix and not stored.startswith(model.prefix):
+                dropped.append((stored, f"task head of {model.label}, kept out of the merge"))
+                continue
+            name = stored.removeprefix(model.prefix)
+            if name not in ref_names and name not in tied:
+                problems.add(f"present in {model.label} but not in {reference.label}", stored,
+                             hint="merge checkpoints of the same architecture and size")
 
     num_layers = architecture.count_layers(reference.reader.config, ref_names)
     jobs: list[TensorJob] = []
@@ -383,7 +416,9 @@ def _gather_reads(name: str, ref_info: TensorInfo, inputs: list[InputModel], ref
     reads: list[TensorRead] = []
     ok = True
     for model in inputs:
-        stored = name if name in model.reader.tensors else _head_alias(model.reader, name)
+        stored = model.stored_name(name)
+        if stored not in model.reader.tensors:
+            stored = _head_alias(model.reader, name)
         if stored is None:
             problems.add(f"missing from {model.label} (present in {reference.label})", name,
                          hint="merge checkpoints of the same architecture")
