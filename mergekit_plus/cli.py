@@ -269,6 +269,59 @@ def _echo_upload(uploaded: Any) -> None:
         typer.echo(f"{uploaded.repo_url} (branch {uploaded.branch}) already contains every file; nothing to commit")
 
 
+zoo_app = typer.Typer(help="Build the model zoo: small checkpoints fine-tuned on the CPU, for tests and benchmarks.",
+                      no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("build")
+def zoo_build(
+    size: Annotated[str, typer.Option("--size", help="test (under a minute, for tests) or bench (the quality "
+                                                     "benchmark, under 20 minutes on 2 cores).")] = "test",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Zoo folder. Default: build/zoo/SIZE.",
+                                                show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even when a zoo with the same settings is there.")] = False,
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", help="CPU threads for training. Results depend on it, so it is fixed (default 2 or fewer).",
+        show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the zoo folder.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Build the zoo at SIZE, or reuse the one at --out when its settings are unchanged."""
+    from mergekit_plus.zoo.build import build_zoo, settings_for
+
+    _setup_logging(verbose=verbose, quiet=quiet)
+    try:
+        folder, _, _ = build_zoo(settings_for(size, threads=threads), out, force=force)
+    except MergeError as error:
+        _fail(error, verbose=verbose)
+    typer.echo(str(folder))
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder (or PEFT adapter folder) to score.",
+                                          show_default=False)],
+    tasks: Annotated[str, typer.Option("--tasks", help="`zoo` for every task of the model's family, or task "
+                                                       "names separated by commas.")] = "zoo",
+    zoo: Annotated[Path, typer.Option("--zoo", help="The zoo folder whose tasks and fine-tunes to use.")] = Path(
+        "build/zoo/test"),
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Score MODEL on the zoo's tasks: exact-match accuracy, and accuracy normalised by each task's fine-tune."""
+    from mergekit_plus.zoo.evaluate import evaluate as evaluate_model
+    from mergekit_plus.zoo.evaluate import format_report
+
+    _setup_logging(verbose=verbose, quiet=as_json)
+    selected = None if tasks == "zoo" else [name.strip() for name in tasks.split(",") if name.strip()]
+    try:
+        report = evaluate_model(model, zoo, selected)
+    except MergeError as error:
+        _fail_run(error, as_json=as_json, verbose=verbose)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
 @app.command()
 def methods() -> None:
     """List the merge methods, their parameters and defaults."""

@@ -52,8 +52,8 @@ class InputModel:
     source: ModelSource
     reader: CheckpointReader
     prefix: str = ""
-    """What this input's tensor names carry before the reference's names, such as `bert.` for a
-    `BertForSequenceClassification` fine-tune of a bare `BertModel` base; empty when names match."""
+    """Prefix of this input's tensor names before the reference's names, empty when the names match.
+    A `BertForSequenceClassification` fine-tune of a bare `BertModel` base has the prefix `bert.`."""
 
     def stored_name(self, name: str) -> str:
         return self.prefix + name
@@ -251,7 +251,7 @@ def estimate_peak_bytes(jobs: list[TensorJob], compute_dtype: torch.dtype, prefe
 
 
 def _with_task_model_prefix(model: InputModel, reference: InputModel) -> InputModel:
-    """Find the prefix under which `model` holds every tensor of `reference`, for a task model of a bare base.
+    """Find the prefix under which `model` stores every tensor of `reference`, for a task model of a bare base.
 
     A fine-tune saved with a task head (`BertForSequenceClassification`, say) stores the encoder as
     `bert.*` beside `classifier.*`, while its pretrained base is a bare `BertModel`. The prefix is
