@@ -213,3 +213,15 @@ def llama_fine_tune_nan(checkpoint_root: Path, llama_fine_tunes: tuple[Path, Pat
     builders = _builders()
     folder = builders.copy_checkpoint(llama_fine_tunes[0], checkpoint_root / "llama-fine-tune-nan")
     return builders.set_tensor_value(folder, builders.EDITED_NORM, (3,), float("nan"))
+
+
+# The model zoo
+
+
+@pytest.fixture(scope="session")
+def test_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `test` size of the zoo, built once per session (under a minute on 2 cores)."""
+    from mergekit_plus.zoo.build import build_zoo, settings_for
+
+    folder, _, _ = build_zoo(settings_for("test"), tmp_path_factory.mktemp("zoo") / "test")
+    return folder
