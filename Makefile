@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned to the CPU build that CI installs; a bare `torch` can pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-quality clean
 
 install: $(VENV)/.installed
 
@@ -15,19 +15,21 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# The demo trains the test zoo (cached after the first run), merges three of its fine-tunes with TIES
+# and scores the merge against the base and the fine-tunes on their tasks.
 demo: install
-	$(BIN)/python -m mergekit_plus.demo build/demo
+	$(BIN)/merge zoo build --size test
 	$(BIN)/merge run configs/examples/ties.yaml --force
-	$(BIN)/python -c "from transformers import AutoModelForCausalLM, AutoTokenizer; \
-	m = AutoModelForCausalLM.from_pretrained('build/merged/ties'); t = AutoTokenizer.from_pretrained('build/merged/ties'); \
-	out = m.generate(**t('hello', return_tensors='pt'), max_new_tokens=8, do_sample=False); \
-	print('generated:', repr(t.decode(out[0])), '(random tiny weights: the text means nothing; this checks that the merge loads and runs)')"
+	$(BIN)/merge eval build/merged/ties --zoo build/zoo/test
 
 test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
 	bash benchmarks/run.sh
+
+bench-quality: install
+	$(BIN)/python benchmarks/quality.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -288,8 +288,10 @@ def zoo_build(
     verbose: VerboseOpt = False,
 ) -> None:
     """Build the zoo at SIZE, or reuse the one at --out when its settings are unchanged."""
-    from mergekit_plus.zoo.build import build_zoo, settings_for
+    from mergekit_plus.zoo.build import SIZES, build_zoo, settings_for
 
+    if size not in SIZES:
+        raise typer.BadParameter(f"unknown size {size!r}; choose one of: {', '.join(SIZES)}", param_hint="--size")
     _setup_logging(verbose=verbose, quiet=quiet)
     try:
         folder, _, _ = build_zoo(settings_for(size, threads=threads), out, force=force)

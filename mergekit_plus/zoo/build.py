@@ -34,14 +34,14 @@ _LM_TASKS = ("first_last", "count_letter", "next_letters", "sort", "middle", "vo
 
 LM_SIZES: dict[str, LMSettings] = {
     "test": LMSettings(
-        # The tasks that a model of this size learns in 80 steps.
+        # The tasks that a model of this size learns in a few hundred steps.
         tasks=("first_last", "next_letters", "last_two", "vowels"),
-        hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=128,
-        base_steps=100, base_lr=3e-3, pretraining_rate=0.0, alignment_steps=0, alignment_lr=0.0,
-        fine_tune_steps=80, fine_tune_lr=3e-3, batch_size=32,
+        hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=256,
+        base_steps=300, base_lr=3e-3, pretraining_rate=1.0, alignment_steps=10, alignment_lr=1e-4,
+        fine_tune_steps=60, fine_tune_lr=1e-3, batch_size=32,
         eval_examples=100, calibration_examples=32,
-        lora_task="last_two", lora_rank=4, lora_steps=40, lora_lr=3e-3, lora_save_every=10,
-        moe_experts=8, moe_top_k=2, moe_intermediate_size=64, moe_steps=60, seed=0,
+        lora_task="last_two", lora_rank=4, lora_steps=40, lora_lr=1e-2, lora_save_every=10,
+        moe_experts=8, moe_top_k=2, moe_intermediate_size=64, moe_steps=100, seed=0,
     ),
     "bench": LMSettings(
         tasks=_LM_TASKS,
@@ -49,7 +49,7 @@ LM_SIZES: dict[str, LMSettings] = {
         base_steps=600, base_lr=2e-3, pretraining_rate=1.0, alignment_steps=10, alignment_lr=1e-4,
         fine_tune_steps=150, fine_tune_lr=3e-4, batch_size=64,
         eval_examples=200, calibration_examples=64,
-        lora_task="first_last", lora_rank=8, lora_steps=200, lora_lr=1e-3, lora_save_every=25,
+        lora_task="first_last", lora_rank=8, lora_steps=200, lora_lr=3e-3, lora_save_every=25,
         moe_experts=8, moe_top_k=2, moe_intermediate_size=256, moe_steps=600, seed=0,
     ),
 }

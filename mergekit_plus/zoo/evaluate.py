@@ -87,6 +87,7 @@ def load_causal_lm(model: Path) -> torch.nn.Module:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     adapter_config = model / "adapter_config.json"
     if adapter_config.is_file():
         from peft import PeftModel

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from merge_helpers import invoke, message_of
@@ -51,3 +53,10 @@ def test_eval_missing_zoo_explains(tmp_path, test_zoo):
     text = message_of(result)
     assert "no zoo at" in text
     assert "merge zoo build" in text
+
+
+def test_zoo_build_unknown_size():
+    completed = subprocess.run([sys.executable, "-m", "mergekit_plus.cli", "zoo", "build", "--size", "huge"],
+                               capture_output=True, text=True)
+    assert completed.returncode == 1
+    assert "unknown size 'huge'" in " ".join(completed.stderr.split())
