@@ -29,8 +29,9 @@ MANIFEST = "zoo.json"
 ZOO_FORMAT = 1
 DEFAULT_ROOT = Path("build/zoo")
 
-# `add` and `subtract` are left out: a model of the bench size learned neither in 600 steps.
-_LM_TASKS = ("first_last", "count_letter", "next_letters", "sort", "middle", "vowels", "last_two", "char_at")
+# Left out: a model of the bench size learned neither `add` nor `subtract` in 600 steps, and its
+# `count_letter` fine-tune reached 67 % (the fine-tunes of the tasks kept reach 91 % or more).
+_LM_TASKS = ("first_last", "next_letters", "sort", "middle", "vowels", "last_two", "char_at")
 
 LM_SIZES: dict[str, LMSettings] = {
     "test": LMSettings(
