@@ -282,7 +282,7 @@ def zoo_build(
                                                 show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when a zoo with the same settings is there.")] = False,
     threads: Annotated[Optional[int], typer.Option(
-        "--threads", help="CPU threads for training. Results depend on it, so it is fixed (default 2 or fewer).",
+        "--threads", help="CPU threads for training. Results depend on it, so the default is a fixed 1.",
         show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the zoo folder.")] = False,
     verbose: VerboseOpt = False,
