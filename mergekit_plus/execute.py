@@ -3,6 +3,9 @@
 It knows no method's math. It reads, moves the inputs to the device in their stored dtype and calls
 the method's operator, which computes in the compute dtype chunk by chunk. Then it checks the result,
 converts it to the stored dtype and hands the tensor to the shard writer.
+
+A method with whole-model statistics gets statistics passes first: each one streams the inputs of
+every merged tensor through the method's reducer in the same way, and writes nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +34,9 @@ from mergekit_plus.io.sidefiles import (
     write_recipe_copy,
 )
 from mergekit_plus.io.writer import ShardWriter
+from mergekit_plus.methods.base import ModelStatistics
 from mergekit_plus.plan import DTYPE_NAMES, Plan, TensorJob
+from mergekit_plus.sizes import format_size
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +78,9 @@ def run_plan(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", pr
         raise ValueError("run_plan needs a plan built with an output folder")
     target = select_device(device)
     started = time.perf_counter()
+    # Whole-model statistics come before the staging folder: they only read, so an interrupted or
+    # failed pass leaves nothing behind.
+    statistics = _gather_statistics(plan, target, progress=progress) if plan.statistics is not None else None
     with _writing(plan.output):
         staging = plan.staged.begin()
     writer = ShardWriter(staging, plan.layout)
@@ -82,7 +91,7 @@ def run_plan(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", pr
         with tqdm(total=plan.layout.total_size, unit="B", unit_scale=True, desc="merging",
                   disable=not progress, leave=False) as bar:
             for job, tensors in _prefetched(plan.jobs):
-                result = _run_job(plan, job, tensors, target)
+                result = _run_job(plan, job, tensors, target, statistics)
                 with _writing(plan.output):
                     writer.write(job.name, result)
                 bar.update(job.output.nbytes)
@@ -104,6 +113,55 @@ def run_plan(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", pr
     logger.debug("wrote %d tensors in %d file(s) to %s in %.1f s", len(plan.jobs), len(plan.layout.shards),
                  plan.output, seconds)
     return MergeSummary(plan.output, tuple(files), len(plan.jobs), plan.layout.total_size, seconds)
+
+
+def _gather_statistics(plan: Plan, device: torch.device, *, progress: bool) -> tuple[Any, ...]:
+    """Run the method's statistics passes over the inputs of every merged tensor; return its result."""
+    statistics = plan.statistics.start()
+    merge_jobs = tuple(job for job in plan.jobs if job.action == "merge")
+    number = 0
+    while not statistics.done:
+        number += 1
+        started = time.perf_counter()
+        logger.info("statistics pass %d (at most %d) for %s: reading %s", number, plan.statistics.max_passes,
+                    plan.statistics.purpose, format_size(plan.statistics.read_bytes))
+        with tqdm(total=plan.statistics.read_bytes, unit="B", unit_scale=True, desc=f"statistics pass {number}",
+                  disable=not progress, leave=False) as bar:
+            for job, tensors in _prefetched(merge_jobs):
+                # The first pass checks the inputs, so that a broken one stops the run before the
+                # remaining passes. The merge pass checks them again.
+                _update_statistics(statistics, job, tensors, device, check_inputs=number == 1)
+                bar.update(job.input_bytes)
+        statistics.finish_pass()
+        logger.info("statistics pass %d done in %.1f s", number, time.perf_counter() - started)
+    for model, line in zip(plan.models, statistics.describe()):
+        logger.info("%s: %s", model.label, line)
+    return statistics.result()
+
+
+def _update_statistics(statistics: ModelStatistics, job: TensorJob, tensors: list[torch.Tensor],
+                       device: torch.device, *, check_inputs: bool) -> None:
+    if check_inputs:
+        for read, tensor in zip(job.reads, tensors):
+            _check_finite_input(job.name, read.input.label, tensor)
+    moved = [tensor.to(device=device) for tensor in tensors]
+    if job.row_maps is not None:
+        for group in _row_groups(job, moved):
+            if group.merged_by_operator:
+                statistics.update(job.name, group.base, group.models, models=group.positions, params=job.params,
+                                  model_params=[job.model_params[position] for position in group.positions])
+        return
+    base = moved[0] if job.base is not None else None
+    models = moved[1:] if job.base is not None else moved
+    statistics.update(job.name, base, models, models=range(len(models)), params=job.params,
+                      model_params=job.model_params)
+
+
+def _statistics_argument(statistics: tuple[Any, ...] | None, positions: Sequence[int]) -> dict[str, Any]:
+    """Return the operator's `statistics` keyword for the models at `positions`, or none without statistics."""
+    if statistics is None:
+        return {}
+    return {"statistics": tuple(statistics[position] for position in positions)}
 
 
 def _write_side_files(plan: Plan, staging: Path, recipe_data: dict[str, Any]) -> list[str]:
@@ -166,7 +224,8 @@ def _prefetched(jobs: tuple[TensorJob, ...]):
             yield job, future.result()
 
 
-def _run_job(plan: Plan, job: TensorJob, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def _run_job(plan: Plan, job: TensorJob, tensors: list[torch.Tensor], device: torch.device,
+             statistics: tuple[Any, ...] | None) -> torch.Tensor:
     if job.action == "copy":
         return tensors[0]
 
@@ -176,12 +235,13 @@ def _run_job(plan: Plan, job: TensorJob, tensors: list[torch.Tensor], device: to
     # chunk, so no whole-tensor converted copies exist.
     moved = [tensor.to(device=device) for tensor in tensors]
     if job.row_maps is not None:
-        result = _merge_aligned_rows(plan, job, moved)
+        result = _merge_aligned_rows(plan, job, moved, statistics)
     else:
         base = moved[0] if job.base is not None else None
         models = moved[1:] if job.base is not None else moved
         result = plan.method.operator(base, models, params=job.params, model_params=job.model_params,
-                                      seeds=job.seeds, compute_dtype=plan.compute_dtype)
+                                      seeds=job.seeds, compute_dtype=plan.compute_dtype,
+                                      **_statistics_argument(statistics, range(len(models))))
         del base, models
     del moved
 
@@ -189,7 +249,47 @@ def _run_job(plan: Plan, job: TensorJob, tensors: list[torch.Tensor], device: to
     return result.to(device="cpu", dtype=plan.out_dtype)
 
 
-def _merge_aligned_rows(plan: Plan, job: TensorJob, tensors: list[torch.Tensor]) -> torch.Tensor:
+@dataclass(frozen=True)
+class _RowGroup:
+    """The rows of a vocabulary tensor whose token the same inputs hold, gathered from those inputs."""
+
+    rows: torch.Tensor
+    base: torch.Tensor | None
+    """The base's rows, or None where the base lacks them or the method takes no base."""
+    models: list[torch.Tensor]
+    positions: list[int]
+    """The position in the recipe of the model of each entry of `models`."""
+    base_lacks_rows: bool
+
+    @property
+    def merged_by_operator(self) -> bool:
+        """Whether the method's operator merges these rows, rather than a mean or a copy of the base."""
+        return not self.base_lacks_rows and bool(self.models)
+
+
+def _row_groups(job: TensorJob, tensors: list[torch.Tensor]) -> Iterator[_RowGroup]:
+    """Group the rows of a vocabulary tensor by which inputs hold their token (base first in `tensors`)."""
+    device = tensors[0].device
+    maps = [row_map.to(device) for row_map in job.row_maps]
+    has_base = job.base is not None
+    present = torch.stack([row_map >= 0 for row_map in maps]).to(torch.int64)
+    shifts = torch.arange(len(maps), device=device).unsqueeze(1)
+    codes = (present << shifts).sum(0)
+
+    for code in torch.unique(codes).tolist():
+        rows = (codes == code).nonzero().squeeze(1)
+        members = [index for index in range(len(maps)) if code >> index & 1]
+        gathered = {index: tensors[index][maps[index][rows]] for index in members}
+        model_members = [index for index in members if not (has_base and index == 0)]
+        base_present = has_base and 0 in members
+        yield _RowGroup(rows=rows, base=gathered[0] if base_present else None,
+                        models=[gathered[index] for index in model_members],
+                        positions=[index - 1 if has_base else index for index in model_members],
+                        base_lacks_rows=has_base and not base_present)
+
+
+def _merge_aligned_rows(plan: Plan, job: TensorJob, tensors: list[torch.Tensor],
+                        statistics: tuple[Any, ...] | None) -> torch.Tensor:
     """Merge a vocabulary tensor whose inputs hold different sets of tokens.
 
     Rows are grouped by which inputs hold their token, and each group is merged from those inputs
@@ -197,35 +297,23 @@ def _merge_aligned_rows(plan: Plan, job: TensorJob, tensors: list[torch.Tensor])
     token added by one model keeps that model's row. Rows that only the base has keep the base row.
     The inputs are in their stored dtypes, and the result is in the compute dtype.
     """
-    device = tensors[0].device
     compute_dtype = plan.compute_dtype
-    maps = [row_map.to(device) for row_map in job.row_maps]
-    has_base = job.base is not None
-    present = torch.stack([row_map >= 0 for row_map in maps]).to(torch.int64)
-    shifts = torch.arange(len(maps), device=device).unsqueeze(1)
-    codes = (present << shifts).sum(0)
-    result = torch.empty(job.output.shape, dtype=compute_dtype, device=device)
+    result = torch.empty(job.output.shape, dtype=compute_dtype, device=tensors[0].device)
 
-    for code in torch.unique(codes).tolist():
-        rows = (codes == code).nonzero().squeeze(1)
-        members = [index for index in range(len(maps)) if code >> index & 1]
-        gathered = {index: tensors[index][maps[index][rows]] for index in members}
-        model_members = [index for index in members if not (has_base and index == 0)]
-        model_positions = [index - 1 if has_base else index for index in model_members]
-        base_present = has_base and 0 in members
-
-        if has_base and not base_present:
-            result[rows] = torch.stack([gathered[index].to(compute_dtype) for index in model_members]).mean(0)
-        elif base_present and not model_members:
-            result[rows] = gathered[0].to(compute_dtype)
+    for group in _row_groups(job, tensors):
+        if group.base_lacks_rows:
+            result[group.rows] = torch.stack([model.to(compute_dtype) for model in group.models]).mean(0)
+        elif not group.models:
+            result[group.rows] = group.base.to(compute_dtype)
         else:
-            result[rows] = plan.method.operator(
-                gathered[0] if base_present else None,
-                [gathered[index] for index in model_members],
+            result[group.rows] = plan.method.operator(
+                group.base,
+                group.models,
                 params=job.params,
-                model_params=[job.model_params[position] for position in model_positions],
-                seeds=[job.seeds[position] for position in model_positions] if job.seeds else (),
+                model_params=[job.model_params[position] for position in group.positions],
+                seeds=[job.seeds[position] for position in group.positions] if job.seeds else (),
                 compute_dtype=compute_dtype,
+                **_statistics_argument(statistics, group.positions),
             )
     return result
 

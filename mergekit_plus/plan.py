@@ -8,10 +8,12 @@ for every tensor, and the output folder must be writable.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import math
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from mergekit_plus.io.sources import ModelSource, resolve_source
 from mergekit_plus.io.vocab import read_vocabulary
 from mergekit_plus.io.writer import CheckpointLayout, PlannedTensor, StagedOutput, plan_layout
 from mergekit_plus.methods import get_method
-from mergekit_plus.methods.base import REQUIRED, MergeMethod
+from mergekit_plus.methods.base import REQUIRED, MergeMethod, MergeTarget, ModelStatistics
 from mergekit_plus.methods.chunks import CHUNK_NUMEL
 from mergekit_plus.recipe.params import resolve_tensor_parameters
 from mergekit_plus.recipe.schema import Recipe
@@ -97,6 +99,20 @@ class TensorJob:
 
 
 @dataclass(frozen=True)
+class StatisticsPlan:
+    """The method's whole-model statistics: passes that read every merged tensor before the merge pass."""
+
+    purpose: str
+    max_passes: int
+    read_bytes: int
+    """Bytes read by one pass: the inputs of every merged tensor."""
+    memory_bytes: int
+    """An upper bound on the reducer's own memory during a pass."""
+    start: Callable[[], ModelStatistics]
+    """Return a fresh reducer, for one run."""
+
+
+@dataclass(frozen=True)
 class Plan:
     recipe: Recipe
     method: MergeMethod
@@ -113,6 +129,7 @@ class Plan:
     staged: StagedOutput | None
     config: dict[str, Any] | None
     peak_bytes_estimate: int
+    statistics: StatisticsPlan | None = None
 
     @property
     def inputs(self) -> tuple[InputModel, ...]:
@@ -207,19 +224,61 @@ def build_plan(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
         if vocab_rows:
             config = {**config, "vocab_size": vocab_rows[0]}
 
-    # 4. Shards and memory.
+    # 4. Whole-model statistics, shards and memory.
+    statistics = _plan_statistics(method, jobs, compute_dtype)
     layout = plan_layout([job.output for job in jobs], max_shard_bytes=recipe.shard_size_bytes,
                          metadata={"format": "pt"})
     if staged is not None:
         staged.check_free_space(layout.total_size)
+    peak_bytes = estimate_peak_bytes(jobs, compute_dtype,
+                                     statistics_bytes=statistics.memory_bytes if statistics else None)
     plan = Plan(recipe=recipe, method=method, base=base, models=tuple(models), reference=reference,
                 tokenizer_source=tokenizer_source, jobs=tuple(jobs), dropped=tuple(dropped), layout=layout,
                 compute_dtype=compute_dtype, out_dtype=out_dtype, output=output_path, staged=staged,
-                config=config, peak_bytes_estimate=estimate_peak_bytes(jobs, compute_dtype))
+                config=config, peak_bytes_estimate=peak_bytes, statistics=statistics)
     logger.info("planned %d tensors (%d dropped) into %d file(s), %s; tensors in flight need about %s",
                 len(jobs), len(dropped), len(layout.shards), format_size(layout.total_size),
                 format_size(plan.peak_bytes_estimate))
+    if statistics is not None:
+        logger.info("%s reads the merged tensors' inputs (%s) up to %d more times before merging, for %s",
+                    method.name, format_size(statistics.read_bytes), statistics.max_passes, statistics.purpose)
     return plan
+
+
+def merge_targets(jobs: list[TensorJob]) -> list[MergeTarget]:
+    """Describe the merged tensors of a plan as a method's whole-model hooks see them."""
+    return [MergeTarget(job.name, job.params, job.model_params, _model_numel(job))
+            for job in jobs if job.action == "merge"]
+
+
+def _model_numel(job: TensorJob) -> tuple[int, ...]:
+    """Count the entries of each model's task vector in a merged tensor: the rows that the model and the base hold."""
+    numel = math.prod(job.output.shape)
+    if job.row_maps is None:
+        return (numel,) * len(job.models)
+    row_size = math.prod(job.output.shape[1:])
+    model_maps = job.row_maps[1:] if job.base is not None else job.row_maps
+    counts = []
+    for row_map in model_maps:
+        present = row_map >= 0
+        if job.base is not None:
+            present &= job.row_maps[0] >= 0
+        counts.append(int(present.sum()) * row_size)
+    return tuple(counts)
+
+
+def _plan_statistics(method: MergeMethod, jobs: list[TensorJob], compute_dtype: torch.dtype) -> StatisticsPlan | None:
+    """Plan the method's whole-model statistics passes, or return None when its parameters need none."""
+    if method.statistics is None:
+        return None
+    targets = merge_targets(jobs)
+    reducer = method.statistics(targets, compute_dtype)
+    if reducer is None:
+        return None
+    return StatisticsPlan(purpose=reducer.purpose, max_passes=reducer.max_passes,
+                          read_bytes=sum(job.input_bytes for job in jobs if job.action == "merge"),
+                          memory_bytes=reducer.memory_bytes,
+                          start=functools.partial(method.statistics, targets, compute_dtype))
 
 
 def _warn_about_mergekit_differences(recipe: Recipe, out_dtype: torch.dtype) -> None:
@@ -233,12 +292,15 @@ def _warn_about_mergekit_differences(recipe: Recipe, out_dtype: torch.dtype) -> 
         logger.warning("`%s`: %s", name, MERGEKIT_IGNORED_PARAMS[name])
 
 
-def estimate_peak_bytes(jobs: list[TensorJob], compute_dtype: torch.dtype, prefetch: int = 2) -> int:
+def estimate_peak_bytes(jobs: list[TensorJob], compute_dtype: torch.dtype, prefetch: int = 2, *,
+                        statistics_bytes: int | None = None) -> int:
     """Estimate an upper bound on the memory of the tensors in flight, in bytes; shards are never buffered.
 
     The largest job keeps its raw reads, its result in the compute dtype and that result converted
     to the stored dtype. The operators work in fixed chunks, whose buffers are small and counted
-    per input. The reads of the jobs being prefetched come on top.
+    per input. The reads of the jobs being prefetched come on top. A statistics pass
+    (`statistics_bytes` given) holds no result but the reducer's state, so the estimate is the
+    larger of the two passes.
     """
     if not jobs:
         return 0
@@ -247,7 +309,11 @@ def estimate_peak_bytes(jobs: list[TensorJob], compute_dtype: torch.dtype, prefe
     working = largest.input_bytes + numel * compute_dtype.itemsize + largest.output.nbytes
     chunk_buffers = CHUNK_NUMEL * compute_dtype.itemsize * (len(largest.reads) + 4)
     prefetched = sum(sorted((job.input_bytes for job in jobs), reverse=True)[:prefetch])
-    return working + chunk_buffers + prefetched
+    merge_pass = working + chunk_buffers + prefetched
+    if statistics_bytes is None:
+        return merge_pass
+    largest_reads = max(job.input_bytes for job in jobs)
+    return max(merge_pass, largest_reads + chunk_buffers + prefetched + statistics_bytes)
 
 
 def _with_task_model_prefix(model: InputModel, reference: InputModel) -> InputModel:
@@ -406,6 +472,9 @@ def _plan_tensors(recipe: Recipe, method: MergeMethod, base: InputModel | None, 
                               row_maps=row_maps))
     if problems:
         problems.raise_as(InputError)
+    if method.check_model is not None:
+        for message in method.check_model(merge_targets(jobs)):
+            param_problems.add(message)
     if param_problems:
         param_problems.raise_as(RecipeError)
     return jobs, dropped

@@ -34,7 +34,11 @@ def plan_summary(plan: Plan, *, with_tensors: bool = False) -> dict[str, Any]:
         "dropped": [{"tensor": name, "reason": reason} for name, reason in plan.dropped],
         "tokenizer_source": plan.tokenizer_source.reference,
         "peak_memory_estimate_bytes": plan.peak_bytes_estimate,
+        "statistics": None,
     }
+    if plan.statistics is not None:
+        summary["statistics"] = {"purpose": plan.statistics.purpose, "max_passes": plan.statistics.max_passes,
+                                 "read_bytes_per_pass": plan.statistics.read_bytes}
     if with_tensors:
         summary["jobs"] = [
             {"tensor": job.name, "action": job.action, "shape": list(job.output.shape),
@@ -69,6 +73,11 @@ def describe_plan(plan: Plan, *, with_tensors: bool = False) -> str:
         f"peak memory estimate: {format_size(summary['peak_memory_estimate_bytes'])} for the tensors in flight "
         "(the Python process and torch add about 0.3 GB)",
     ]
+    statistics = summary["statistics"]
+    if statistics is not None:
+        lines.append(f"extra passes: up to {statistics['max_passes']} statistics passes before the merge, each "
+                     f"reading the merged tensors' inputs again ({format_size(statistics['read_bytes_per_pass'])}), "
+                     f"for {statistics['purpose']}")
     if with_tensors:
         lines.append("tensors:")
         for job in summary["jobs"]:

@@ -42,6 +42,10 @@ _LANES = 4
 # that only one block is listed position by position (`nonzero` is slow on a whole chunk).
 _SEARCH_BLOCK = 1 << 12
 
+# The maximum memory that the histograms of one selection use during a pass: the running
+# histogram of an in-bucket pass and the chunk's histogram that is added to it, in int64.
+SELECTION_HISTOGRAM_BYTES = 2 * _LANES * 2 * (_DIGIT_COUNT + 2) * 8
+
 # Uniform draws for the DARE mask are made in blocks of this many entries to bound the
 # temporary memory. The block size is fixed, so the mask does not depend on the machine.
 _RANDOM_BLOCK = 1 << 20
@@ -107,7 +111,10 @@ class MagnitudeSelection:
         masks = selection.masks()
         for chunk in chunks: keep = masks.next(chunk, out=...)
 
-    The chunks must be contiguous and come in flat order, the same ones in every pass.
+    The chunks must be contiguous and come in flat order, the same ones in every pass. The
+    threshold itself does not depend on that order, so the chunks of many tensors (a whole
+    model, say) may be fed to one selection, in any order that stays the same in every pass.
+    Only `masks` needs the flat order.
     """
 
     def __init__(self, k: int, numel: int, dtype: torch.dtype):
@@ -134,6 +141,24 @@ class MagnitudeSelection:
     @property
     def done(self) -> bool:
         return self.threshold is not None
+
+    @property
+    def max_passes(self) -> int:
+        """The maximum number of passes over the chunks that the selection takes: one per digit."""
+        return len(self._shifts)
+
+    def cut_with_ties(self) -> tuple[int, int]:
+        """Return the smallest kept key and the kept count when every tie of the k-th largest key is kept.
+
+        Keeping the keys at or above the returned key keeps the k largest entries plus every entry
+        tied with the k-th largest, as the TIES reference code's rule |τ| ≥ q does.
+        """
+        if self.threshold is None:
+            raise RuntimeError("the magnitude selection is not done yet")
+        if self.tied_kept == 0:
+            # The k kept keys are all above `threshold`, so the cut lies just above it.
+            return self.threshold + 1, self.k
+        return self.threshold, self.k - self.tied_kept + self.tied_total
 
     def count(self, values: torch.Tensor, scratch: ChunkScratch | None = None) -> None:
         """Add one chunk of the tensor to the histogram of the current pass."""

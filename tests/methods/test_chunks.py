@@ -12,6 +12,16 @@ from mergekit_plus.methods.chunks import ChunkScratch, TaskVectors, chunk_bounds
 
 METHOD_NAMES = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 
+# The whole-tensor references trim per tensor, so TIES runs with `scope: tensor` here. Its
+# whole-model trim has tests of its own.
+PER_TENSOR = {"ties": {"scope": "tensor"}}
+
+
+def default_params(method_name):
+    """Return the method's global parameters with every default filled in, per-tensor scope for TIES."""
+    method = get_method(method_name)
+    return {p.name: p.default for p in method.global_params} | PER_TENSOR.get(method_name, {})
+
 
 @pytest.fixture
 def small_chunks(monkeypatch):
@@ -41,7 +51,7 @@ def models_with_cancellations(shape, stored_dtype, seed=0):
 def run(method_name, base, models, compute_dtype, **overrides):
     """Return the package operator's merge and the reference merge, for the same parameters."""
     method = get_method(method_name)
-    params = {p.name: p.default for p in method.global_params} | overrides
+    params = default_params(method_name) | overrides
     model_params = [
         {"weight": weight, "density": density}
         for weight, density in zip([1.0, 0.5, 2.0], [0.2, 0.7, 0.45])
@@ -194,7 +204,7 @@ def test_operator_leaves_stored_inputs(small_chunks, method_name):
 def test_operator_default_compute_dtype_is_float32(method_name):
     method = get_method(method_name)
     base, models = models_like_fine_tunes((50,), 2, torch.bfloat16, seed=8)
-    params = {p.name: p.default for p in method.global_params}
+    params = default_params(method_name)
     model_params = [{p.name: p.default for p in method.model_params}] * 2
     base_input = base if method.requires_base else None
     merged = method.operator(base_input, models, params=params, model_params=model_params, seeds=[1, 2])

@@ -80,7 +80,7 @@ def test_dare_ties_full_density_is_ties():
         expected = TIES.operator(
             base,
             models,
-            params={"lambda": 1.0, "normalize": True, "sign_election": election},
+            params={"lambda": 1.0, "normalize": True, "sign_election": election, "scope": "tensor"},
             model_params=[{"weight": w, "density": 1.0} for w in weights],
             seeds=[0] * 3,
         )

@@ -19,11 +19,12 @@ BASE = [1.0, -1.0, 0.5, 2.0, 0.0, 3.0]
 
 
 def merge(base, tensors, weights, densities, compute_dtype=None, **overrides):
-    """Call the operator the way the planner does, with every default filled in.
+    """Call the operator the way the planner does, with every default filled in but `scope: tensor`.
 
+    These tests are about the trim within one tensor, so the whole-model trim is not used here.
     The compute dtype defaults to the inputs' dtype.
     """
-    params = {p.name: p.default for p in METHOD.global_params} | overrides
+    params = {p.name: p.default for p in METHOD.global_params} | {"scope": "tensor"} | overrides
     model_params = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
     if compute_dtype is None:
         compute_dtype = tensors[0].dtype
@@ -49,6 +50,12 @@ def test_ties_declaration():
     election = METHOD.param("sign_election")
     assert election.default == "trimmed"
     assert election.choices == ("trimmed", "weighted")
+    scope = METHOD.param("scope")
+    assert not scope.per_model
+    assert scope.default == "model"
+    assert set(scope.choices) == {"model", "tensor"}
+    assert METHOD.statistics is not None
+    assert METHOD.check_model is not None
 
 
 def test_ties_reference_vector_dis_mean():

@@ -102,6 +102,16 @@ def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     return delta
 
 
+def _trim_at(delta: torch.Tensor, threshold: Any) -> torch.Tensor:
+    """Trim at a whole-model threshold: keep the entries whose magnitude key is at least its `minimum_key`."""
+    if threshold.kept_count == 0:
+        return delta.zero_()
+    if threshold.minimum_key is not None:
+        keys = bits(delta) & ((1 << (8 * delta.element_size() - 1)) - 1)
+        delta.mul_(keys >= threshold.minimum_key)
+    return delta
+
+
 def _drop(delta: torch.Tensor, density: float, seed: int, rescale: bool) -> torch.Tensor:
     if density >= 1:
         return delta
@@ -122,8 +132,12 @@ def merge(
     model_params: Sequence[Mapping[str, Any]],
     seeds: Sequence[int],
     compute_dtype: torch.dtype,
+    statistics: Sequence[Any] | None = None,
 ) -> torch.Tensor:
-    """Merge like the registered method `method`, on whole tensors converted up front."""
+    """Merge like the registered method `method`, on whole tensors converted up front.
+
+    For ties with `scope: model`, `statistics` gives each model's whole-model trim threshold.
+    """
     models = [tensor.to(compute_dtype) for tensor in tensors]
     weights = [mp["weight"] for mp in model_params]
     if method == "linear":
@@ -138,6 +152,9 @@ def merge(
     deltas = [model - base for model in models]
     if method == "task_arithmetic":
         merged = _weighted_sum(deltas, weights, params["normalize"])
+    elif method == "ties" and params["scope"] == "model":
+        trimmed = [_trim_at(delta, threshold) for delta, threshold in zip(deltas, statistics)]
+        merged = _disjoint_merge(trimmed, weights, params["sign_election"], params["normalize"])
     elif method == "ties":
         trimmed = [_trim(delta, mp["density"]) for delta, mp in zip(deltas, model_params)]
         merged = _disjoint_merge(trimmed, weights, params["sign_election"], params["normalize"])
