@@ -288,6 +288,9 @@ def _warn_about_mergekit_differences(recipe: Recipe, out_dtype: torch.dtype) -> 
                        "Add `out_dtype: %s` to store it as mergekit would.", recipe.dtype, DTYPE_NAMES[out_dtype],
                        recipe.dtype)
     given = set(recipe.parameters).union(*(model.parameters for model in recipe.models))
+    if recipe.merge_method == "ties" and "scope" not in given:
+        logger.info("ties trims each task vector over the whole model (`scope: model`, as in the paper); "
+                    "mergekit trims per tensor. Add `scope: tensor` to the parameters for mergekit's result.")
     for name in sorted(given & set(MERGEKIT_IGNORED_PARAMS)):
         logger.warning("`%s`: %s", name, MERGEKIT_IGNORED_PARAMS[name])
 

@@ -36,7 +36,7 @@ METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 EXPECTED_PARAMETERS = {
     "linear": {"weight": 1.0, "normalize": True},
     "task_arithmetic": {"lambda": 0.3},
-    "ties": {"density": 0.2, "lambda": 1.0, "normalize": True, "sign_election": "trimmed"},
+    "ties": {"density": 0.2, "lambda": 1.0, "normalize": True, "sign_election": "trimmed", "scope": "model"},
     "dare_linear": {"density": 0.5, "lambda": 0.3, "rescale": True},
     "dare_ties": {"density": 0.5, "lambda": 1.0, "normalize": True, "rescale": True, "sign_election": "trimmed"},
 }

@@ -235,3 +235,14 @@ def test_scope_varying_by_tensor_rejected(tmp_path, llama_base, llama_fine_tunes
     result = invoke(["validate", recipe], expected_exit=1)
 
     assert_mentions(message_of(result), r"`scope` varies by tensor", r"one value for the whole merge")
+
+
+def test_ties_without_scope_explains(tmp_path, llama_base, llama_fine_tunes):
+    """A mergekit TIES recipe has no `scope`; the run says that the trim differs from mergekit's."""
+    recipe = write_recipe(tmp_path, {
+        "merge_method": "ties", "base_model": llama_base,
+        "models": [{"model": path, "parameters": {"density": 0.5}} for path in llama_fine_tunes],
+        "output": {"path": tmp_path / "merged"},
+    })
+    result = invoke(["run", recipe], expected_exit=0)
+    assert "Add `scope: tensor`" in message_of(result)
