@@ -15,12 +15,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-# The demo trains the test zoo (cached after the first run), merges three of its fine-tunes with TIES
-# and scores the merge against the base and the fine-tunes on their tasks.
+# The demo trains the test zoo (cached after the first run), merges its four fine-tunes with task
+# arithmetic (configs/demo.yaml) and scores the merge against the base and the fine-tunes.
 demo: install
 	$(BIN)/merge zoo build --size test
-	$(BIN)/merge run configs/examples/ties.yaml --force
-	$(BIN)/merge eval build/merged/ties --zoo build/zoo/test
+	$(BIN)/merge run configs/demo.yaml --force
+	$(BIN)/merge eval build/merged/demo --zoo build/zoo/test
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -99,8 +99,8 @@ def settings_for(size: str, *, threads: int | None = None) -> ZooSettings:
 
 
 def default_threads() -> int:
-    # Results depend on the thread count, so it is fixed rather than taken from the machine. One
-    # thread trains these small models about as fast as two and never oversubscribes a busy machine.
+    # Results depend on the thread count, so it is fixed rather than taken from the machine. One thread
+    # never oversubscribes a busy machine: on a shared 2-core machine, two threads trained several times slower.
     return 1
 
 
@@ -121,7 +121,8 @@ def build_zoo(settings: ZooSettings, out: Path | None = None, *, force: bool = F
         raise OutputError(f"{out} exists and is not a zoo folder (no {MANIFEST})",
                           hint="choose another --out or remove that folder")
 
-    # 2. Build into a staging folder beside the target.
+    # 2. Build into a staging folder beside the target, removing those of builds that were killed.
+    _remove_abandoned_staging(out)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
@@ -160,6 +161,27 @@ def build_zoo(settings: ZooSettings, out: Path | None = None, *, force: bool = F
     return out, manifest, True
 
 
+def _remove_abandoned_staging(out: Path) -> None:
+    """Delete staging folders of earlier builds of `out` whose process no longer runs."""
+    if not out.parent.is_dir():
+        return
+    for folder in out.parent.glob(f".{out.name}.partial-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            logger.info("removing %s, left by a build that was killed", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _build_lm(staging: Path, settings: ZooSettings, log: Callable[[str], None]) -> dict:
     from mergekit_plus.zoo.lm import build_lm_family
 
@@ -170,6 +192,9 @@ def load_manifest(zoo: Path) -> dict:
     """Read a zoo's manifest, with an error that says how to build the zoo when there is none."""
     path = Path(zoo) / MANIFEST
     if not path.is_file():
+        if (Path(zoo).parent / MANIFEST).is_file():
+            raise InputError(f"no zoo at {zoo} ({MANIFEST} not found)",
+                             hint=f"pass the zoo folder itself: --zoo {Path(zoo).parent}")
         raise InputError(f"no zoo at {zoo} ({MANIFEST} not found)",
                          hint=f"build one with `merge zoo build --out {zoo}` or pass --zoo DIR")
     return json.loads(path.read_text(encoding="utf-8"))

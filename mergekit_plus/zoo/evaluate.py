@@ -7,6 +7,7 @@ fine-tune, as the model-merging papers report it; 1.0 means the merge kept all o
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,11 +18,16 @@ from mergekit_plus.zoo.build import load_manifest
 
 def model_family(model: Path, manifest: dict) -> str:
     """Name the zoo family a checkpoint belongs to, from its config (or its adapter's base)."""
+    if not model.is_dir():
+        raise InputError(f"model folder {model} not found", hint="pass a folder written by save_pretrained or `merge run`")
     if (model / "adapter_config.json").is_file():
         return "lm"
     config_path = model / "config.json"
     if not config_path.is_file():
-        raise InputError(f"{model} has no config.json", hint="pass a folder written by save_pretrained or `merge run`")
+        checkpoints = sorted(path.name for path in model.glob("checkpoint-*") if path.is_dir())
+        hint = (f"this looks like a training run: pass one of its checkpoints, such as {model / checkpoints[-1]}"
+                if checkpoints else "pass a folder written by save_pretrained or `merge run`")
+        raise InputError(f"{model} has no config.json", hint=hint)
     model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
     family = "encoder" if model_type == "bert" else "lm"
     if family not in manifest["families"]:
@@ -38,9 +44,12 @@ def evaluate(model: Path, zoo: Path, tasks: list[str] | None = None) -> dict:
     family = manifest["families"][family_name]
     known = family["tasks"]
     selected = list(known) if tasks is None else tasks
+    if not selected:
+        raise InputError("no task selected", hint=f"pass --tasks zoo, or names from: {', '.join(known)}")
     unknown = [name for name in selected if name not in known]
     if unknown:
-        raise InputError(f"unknown task {unknown[0]!r} for the {family_name} family",
+        names = ", ".join(repr(name) for name in unknown)
+        raise InputError(f"unknown task{'s' if len(unknown) > 1 else ''} {names} for the {family_name} family",
                          hint=f"choose from: {', '.join(known)}, or `zoo` for all of them")
 
     if family_name == "lm":
@@ -98,9 +107,30 @@ def load_causal_lm(model: Path) -> torch.nn.Module:
         if not (base_folder / "config.json").is_file():
             raise InputError(f"the base model of adapter {model} is not at {base_folder}",
                              hint="set base_model_name_or_path in adapter_config.json to the base's folder")
-        base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
-        return PeftModel.from_pretrained(base, model).eval()
-    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        base = _load_complete(AutoModelForCausalLM, base_folder)
+        with warnings.catch_warnings():
+            # peft 0.21 calls a transformers method that transformers 5 deprecates; nothing to act on here.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return PeftModel.from_pretrained(base, model).eval()
+    return _load_complete(AutoModelForCausalLM, model).eval()
+
+
+def _load_complete(auto_class, folder: Path) -> torch.nn.Module:
+    """Load with transformers, rejecting a checkpoint whose weights are missing or incomplete.
+
+    transformers fills missing tensors with fresh random values and only logs it, which would score
+    a broken checkpoint as if it were a model.
+    """
+    try:
+        network, info = auto_class.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    except OSError as error:
+        raise InputError(f"cannot load {folder}: {error}", hint="pass a complete checkpoint folder") from error
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise InputError(f"{folder} lacks {len(missing)} tensor(s) of its architecture: {shown}",
+                         hint="the checkpoint is incomplete; rebuild or re-download it")
+    return network
 
 
 def read_examples(path: Path) -> list[tuple[str, str]]:
@@ -112,11 +142,11 @@ def format_report(report: dict) -> str:
     """Render the report as a fixed-width table: one row per task and the average."""
     width = max(len("average"), *(len(name) for name in report["tasks"]))
     lines = [f"{report['model']} on the {report['family']} tasks of {report['zoo']}",
-             f"{'task':<{width}}  accuracy  normalized  fine-tune  base  examples"]
+             f"{'task':<{width}}  accuracy  normalized  fine-tune   base  examples"]
     for name, row in report["tasks"].items():
         normalized = f"{row['normalized']:.3f}" if row["normalized"] is not None else "-"
         lines.append(f"{name:<{width}}  {row['accuracy']:8.3f}  {normalized:>10}  {row['fine_tune']:9.3f}  "
-                     f"{row['base']:4.2f}  {row['examples']:8d}")
+                     f"{row['base']:5.3f}  {row['examples']:8d}")
     average = report["average"]
     normalized = f"{average['normalized']:.3f}" if average["normalized"] is not None else "-"
     lines.append(f"{'average':<{width}}  {average['accuracy']:8.3f}  {normalized:>10}")

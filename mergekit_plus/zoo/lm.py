@@ -15,6 +15,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -329,7 +330,10 @@ def _build_lora_run(base: torch.nn.Module, folder: Path, settings: LMSettings, h
     torch.manual_seed(settings.seed + 200)
     config = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0,
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    model = get_peft_model(base, config)
+    with warnings.catch_warnings():
+        # peft 0.21 calls a transformers method that transformers 5 deprecates; nothing to act on here.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(base, config)
     history: list[dict] = []
     window: list[float] = []
     checkpoints = []
@@ -361,10 +365,14 @@ def _build_lora_run(base: torch.nn.Module, folder: Path, settings: LMSettings, h
 
 
 def _normalise_adapter_config(folder: Path) -> None:
-    """Point the adapter at the zoo's base by a relative path, so builds in different folders are identical."""
+    """Point the adapter at the zoo's base by a relative path and sort its module list, so that builds
+    in different folders and processes write identical files (peft keeps the modules in a set, whose
+    order follows Python's per-process string hashing)."""
     path = folder / "adapter_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = "../../base"
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

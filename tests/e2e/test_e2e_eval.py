@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,39 @@ def test_zoo_build_unknown_size():
                                capture_output=True, text=True)
     assert completed.returncode == 1
     assert "unknown size 'huge'" in " ".join(completed.stderr.split())
+
+
+def test_eval_empty_task_list(test_zoo):
+    family = manifest_family(test_zoo)
+    result = invoke(["eval", test_zoo / family["base"], "--tasks", "", "--zoo", test_zoo], expected_exit=2)
+    assert "no task selected" in message_of(result)
+
+
+def test_eval_incomplete_checkpoint(test_zoo, tmp_path):
+    """transformers would fill missing tensors with random values; eval must refuse to score them."""
+    from safetensors.torch import load_file, save_file
+
+    family = manifest_family(test_zoo)
+    source = test_zoo / family["base"]
+    broken = tmp_path / "broken"
+    shutil.copytree(source, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    text = message_of(invoke(["eval", broken, "--zoo", test_zoo], expected_exit=2))
+    assert "lacks 1 tensor(s)" in text
+    assert "model.layers.1.mlp.down_proj.weight" in text
+
+
+def test_eval_folder_without_weights(test_zoo, tmp_path):
+    family = manifest_family(test_zoo)
+    (tmp_path / "empty").mkdir()
+    shutil.copy(test_zoo / family["base"] / "config.json", tmp_path / "empty")
+    text = message_of(invoke(["eval", tmp_path / "empty", "--zoo", test_zoo], expected_exit=2))
+    assert "cannot load" in text
+
+
+def test_eval_zoo_subfolder_hint(test_zoo):
+    family = manifest_family(test_zoo)
+    text = message_of(invoke(["eval", test_zoo / family["base"], "--zoo", test_zoo / "lm"], expected_exit=2))
+    assert f"--zoo {test_zoo}" in text

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from mergekit_plus.zoo.build import LM_SIZES, ZooSettings, build_zoo, settings_for
 
@@ -99,14 +101,38 @@ def test_zoo_settings_change_digest():
     assert changed.digest() != settings.digest()
 
 
+BUILD_IN_SUBPROCESS = """
+import json, sys
+from pathlib import Path
+from mergekit_plus.zoo.build import ZooSettings, build_zoo
+from mergekit_plus.zoo.lm import LMSettings
+values = json.loads(sys.argv[1])
+values["tasks"] = tuple(values["tasks"])
+build_zoo(ZooSettings(size="test", lm=LMSettings(**values), encoder=None, threads=1), Path(sys.argv[2]))
+"""
+
+
 def test_zoo_build_deterministic(tmp_path):
+    """A second build in another process, with another string-hash seed, writes the same bytes."""
     settings = ZooSettings(size="test", lm=MICRO, encoder=None, threads=1)
     first, _, _ = build_zoo(settings, tmp_path / "first")
-    second, _, _ = build_zoo(settings, tmp_path / "second")
+    environment = {**os.environ, "PYTHONHASHSEED": "12345"}
+    subprocess.run([sys.executable, "-c", BUILD_IN_SUBPROCESS, json.dumps(MICRO.to_dict()),
+                    str(tmp_path / "second")], check=True, env=environment, capture_output=True)
     digests = tree_digest(first)
     assert any(name.endswith("model.safetensors") for name in digests)
-    assert digests == tree_digest(second)
-    assert torch.get_num_threads() >= 1
+    assert any(name.endswith("adapter_config.json") for name in digests)
+    assert digests == tree_digest(tmp_path / "second")
+
+
+def test_zoo_build_removes_killed_staging(tmp_path):
+    settings = ZooSettings(size="test", lm=MICRO, encoder=None, threads=1)
+    # A PID above the kernel's maximum (4,194,304 on Linux) never belongs to a running process.
+    abandoned = tmp_path / ".zoo.partial-99999999"
+    (abandoned / "lm").mkdir(parents=True)
+    build_zoo(settings, tmp_path / "zoo")
+    assert not abandoned.exists()
+    assert (tmp_path / "zoo" / "zoo.json").is_file()
 
 
 def test_zoo_build_rejects_other_folder(tmp_path):
