@@ -50,6 +50,35 @@ def count_layers(config: Mapping[str, Any] | None, tensor_names: Iterable[str]) 
     return max(indices) + 1 if indices else 0
 
 
+def architecture_name(config: Mapping[str, Any] | None) -> str:
+    """Name a model's architecture for messages: its config's `architectures`, else its `model_type`."""
+    if config:
+        names = config.get("architectures")
+        if isinstance(names, list) and names:
+            return ", ".join(str(name) for name in names)
+        if config.get("model_type"):
+            return str(config["model_type"])
+    return "an architecture without config.json"
+
+
+def find_block_problems(config: Mapping[str, Any] | None, tensor_names: Iterable[str]) -> list[str]:
+    """Return why the tensors cannot be placed in the model's blocks, as sentences, or nothing when they can.
+
+    A method that scales by depth needs every block tensor's index to lie below the block count.
+    """
+    names = list(tensor_names)
+    indexed = [(name, index) for name in names if (index := layer_index(name)) is not None]
+    where = architecture_name(config)
+    if not indexed:
+        return [f"no tensor of {where} lies in a stack of repeated blocks: none of its names contains "
+                "`layers.N.`, `h.N.`, `layer.N.`, `blocks.N.` or `resblocks.N.`"]
+    count = count_layers(config, names)
+    name, index = max(indexed, key=lambda pair: pair[1])
+    if index >= count:
+        return [f"tensor {name} of {where} lies in block {index}, but the config counts {count} blocks"]
+    return []
+
+
 def layer_position(tensor_name: str, num_layers: int) -> LayerPosition:
     """Place a tensor along the depth: blocks by index, others before (0.0) or after (1.0) them."""
     index = layer_index(tensor_name)

@@ -50,6 +50,8 @@ class MergeSummary:
     tensors: int
     total_bytes: int
     seconds: float
+    storage: dict[str, Any] | None = None
+    """For a bundle output (`tall_masks`): its weight bytes, the inputs' weight bytes, their ratio and the floor."""
 
 
 def select_device(name: str) -> torch.device:
@@ -76,6 +78,10 @@ def run_plan(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", pr
     """Merge every tensor of `plan` into a staging folder, add the side files, then move it into place."""
     if plan.staged is None or plan.output is None:
         raise ValueError("run_plan needs a plan built with an output folder")
+    if getattr(plan.method, "output_kind", "checkpoint") == "bundle":
+        from mergekit_plus.io.bundle import run_bundle
+
+        return run_bundle(plan, recipe_data=recipe_data, device=device, progress=progress)
     target = select_device(device)
     started = time.perf_counter()
     # Whole-model statistics come before the staging folder: they only read, so an interrupted or
@@ -164,6 +170,11 @@ def _statistics_argument(statistics: tuple[Any, ...] | None, positions: Sequence
     return {"statistics": tuple(statistics[position] for position in positions)}
 
 
+def _layer_argument(job: TensorJob) -> dict[str, Any]:
+    """Return the operator's `layer` keyword for a method that takes it, else nothing."""
+    return {} if job.layer is None else {"layer": job.layer}
+
+
 def _write_side_files(plan: Plan, staging: Path, recipe_data: dict[str, Any]) -> list[str]:
     files = []
     out_dtype_name = DTYPE_NAMES[plan.out_dtype]
@@ -241,7 +252,8 @@ def _run_job(plan: Plan, job: TensorJob, tensors: list[torch.Tensor], device: to
         models = moved[1:] if job.base is not None else moved
         result = plan.method.operator(base, models, params=job.params, model_params=job.model_params,
                                       seeds=job.seeds, compute_dtype=plan.compute_dtype,
-                                      **_statistics_argument(statistics, range(len(models))))
+                                      **_statistics_argument(statistics, range(len(models))),
+                                      **_layer_argument(job))
         del base, models
     del moved
 
@@ -314,6 +326,7 @@ def _merge_aligned_rows(plan: Plan, job: TensorJob, tensors: list[torch.Tensor],
                 seeds=[job.seeds[position] for position in group.positions] if job.seeds else (),
                 compute_dtype=compute_dtype,
                 **_statistics_argument(statistics, group.positions),
+                **_layer_argument(job),
             )
     return result
 

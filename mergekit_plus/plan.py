@@ -27,7 +27,7 @@ from mergekit_plus.io.sources import ModelSource, resolve_source
 from mergekit_plus.io.vocab import read_vocabulary
 from mergekit_plus.io.writer import CheckpointLayout, PlannedTensor, StagedOutput, plan_layout
 from mergekit_plus.methods import get_method
-from mergekit_plus.methods.base import REQUIRED, MergeMethod, MergeTarget, ModelStatistics
+from mergekit_plus.methods.base import REQUIRED, MergeMethod, MergeTarget, ModelStatistics, TensorLayer
 from mergekit_plus.methods.chunks import CHUNK_NUMEL
 from mergekit_plus.recipe.params import resolve_tensor_parameters
 from mergekit_plus.recipe.schema import Recipe
@@ -88,6 +88,8 @@ class TensorJob:
     row_maps: tuple[torch.Tensor, ...] | None = None
     """For vocabulary tensors under `tokenizer.vocab: align`: one map per read (base first), giving for
     each output row the input row that has the same token, or -1 where that input lacks the token."""
+    layer: TensorLayer | None = None
+    """The tensor's block, for a method with `layered=True` only."""
 
     @property
     def reads(self) -> tuple[TensorRead, ...]:
@@ -247,7 +249,7 @@ def build_plan(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
 
 def merge_targets(jobs: list[TensorJob]) -> list[MergeTarget]:
     """Describe the merged tensors of a plan as a method's whole-model hooks see them."""
-    return [MergeTarget(job.name, job.params, job.model_params, _model_numel(job))
+    return [MergeTarget(job.name, job.params, job.model_params, _model_numel(job), job.layer)
             for job in jobs if job.action == "merge"]
 
 
@@ -447,6 +449,10 @@ def _plan_tensors(recipe: Recipe, method: MergeMethod, base: InputModel | None, 
                              hint="merge checkpoints of the same architecture and size")
 
     num_layers = architecture.count_layers(reference.reader.config, ref_names)
+    if method.layered:
+        for message in architecture.find_block_problems(reference.reader.config, ref_names - tied):
+            problems.add(message, hint=f"`{method.name}` scales each tensor by its block index, so it needs a model "
+                                       "whose blocks the toolkit can find; choose another merge method for this one")
     jobs: list[TensorJob] = []
     for name in sorted(ref_names - tied, key=architecture.sort_key):
         info = reference.reader.tensors[name]
@@ -470,9 +476,10 @@ def _plan_tensors(recipe: Recipe, method: MergeMethod, base: InputModel | None, 
             method, recipe.parameters, [recipe.models[m.index].parameters for m in models], name, position)
         _check_params(method, params, model_params, name, param_problems)
         seeds = tuple(derive_seed(recipe.seed, name, m.index) for m in models) if method.randomized else ()
+        layer = TensorLayer(architecture.layer_index(name), num_layers) if method.layered else None
         jobs.append(TensorJob(name, "merge", PlannedTensor(name, out_dtype, shape), base=base_read,
                               models=tuple(reads), params=params, model_params=tuple(model_params), seeds=seeds,
-                              row_maps=row_maps))
+                              row_maps=row_maps, layer=layer))
     if problems:
         problems.raise_as(InputError)
     if method.check_model is not None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from mergekit_plus.methods import dare, linear, task_arithmetic, ties
+from mergekit_plus.methods import consensus
+from mergekit_plus.methods import lines
+from mergekit_plus.methods import pcb
+from mergekit_plus.methods import tall_masks
 from mergekit_plus.methods.base import MergeMethod, Param
 
 _ALL: tuple[MergeMethod, ...] = (
@@ -11,6 +15,10 @@ _ALL: tuple[MergeMethod, ...] = (
     ties.METHOD,
     dare.DARE_LINEAR,
     dare.DARE_TIES,
+    consensus.METHOD,
+    lines.METHOD,
+    pcb.METHOD,
+    tall_masks.METHOD,
 )
 
 METHODS: dict[str, MergeMethod] = {}

@@ -47,7 +47,7 @@ class Param:
 
 
 MergeOperator = Callable[..., torch.Tensor]
-"""Signature: operator(base, tensors, *, params, model_params, seeds, compute_dtype=torch.float32[, statistics]) -> Tensor.
+"""Signature: operator(base, tensors, *, params, model_params, seeds, compute_dtype=torch.float32[, statistics][, layer]) -> Tensor.
 
 - base: the base model's tensor, or None for methods that do not use a base.
 - tensors: one tensor per input model, same shape as base, on one device with base.
@@ -59,6 +59,7 @@ MergeOperator = Callable[..., torch.Tensor]
 - compute_dtype: the floating-point dtype of the arithmetic and of the result.
 - statistics: passed only to a method whose `statistics` factory returned a reducer for this
   merge. It holds the reducer's `result()` entries of the models in `tensors`, in that order.
+- layer: passed only to a method with `layered=True`: the `TensorLayer` of the tensor.
 Returns a new tensor of the same shape, in compute_dtype, on the inputs' device.
 
 The operator converts each input to compute_dtype before any arithmetic on it, so the result
@@ -72,6 +73,16 @@ ParamCheck = Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], list[str
 
 
 @dataclass(frozen=True)
+class TensorLayer:
+    """The place of a tensor in the model's stack of repeated blocks, for methods that scale by depth."""
+
+    index: int | None
+    """The 0-based block index, or None for a tensor outside the blocks (embeddings, final norm, head)."""
+    count: int
+    """The number of blocks L of the model, from its config or else from the tensor names."""
+
+
+@dataclass(frozen=True)
 class MergeTarget:
     """One tensor that the merge computes, with its resolved parameters, as whole-model hooks see it."""
 
@@ -82,6 +93,8 @@ class MergeTarget:
     """How many entries of each model's task vector this tensor holds. That is its numel, except for
     a vocabulary tensor whose rows are matched by token: there only the rows that both the base and
     the model hold count."""
+    layer: TensorLayer | None = None
+    """The tensor's block, set only for a method with `layered=True`."""
 
 
 ModelCheck = Callable[[Sequence[MergeTarget]], list[str]]
@@ -174,6 +187,9 @@ class MergeMethod:
     check_model: ModelCheck | None = None
     statistics: StatisticsFactory | None = None
     randomized: bool = False
+    layered: bool = False
+    """Whether the operator takes `layer=`, the tensor's block. The planner then rejects a model
+    whose blocks it cannot find in the tensor names."""
     aliases: tuple[str, ...] = field(default=())
 
     @property

@@ -1,0 +1,397 @@
+"""TALL masks: the per-task masks that localize each task's information in a multi-task vector.
+
+Paper: Wang, Dimitriadis et al., "Localizing Task Information for Improved Model Merging and
+Compression", ICML 2024, arXiv:2405.07813. The same paper defines Consensus Merging
+(`methods/consensus.py`), which builds on these masks.
+
+With base θ₀, models θ₁ … θ_T and task vectors τ_t = θ_t − θ₀:
+
+1. Multi-task vector τ_MTL: `inner: task_arithmetic` (the default) takes the unscaled sum Σ τ_t.
+   `inner: ties` takes the TIES merge of the τ_t before its λ (trim to `density`, elect signs,
+   disjoint sum with `normalize: false`, the paper's setting), with the `scope` and the
+   whole-model trim thresholds of `methods/ties.py`.
+2. Mask of task t: m_t = 1[|τ_t| > λ_t · |τ_MTL − τ_t|], with a strict ">". Each λ_t is the
+   per-model parameter `mask_lambda`. The paper picks it per task on that task's validation data
+   from {0.2, 0.3, 0.4, 0.5, 0.6}, and the default 0.4 is the middle of that grid.
+
+The masks compare the raw task vectors τ_t, not their TIES-trimmed versions, as the authors'
+code does. FusionBench's `TallMaskTaskArithmeticAlgorithm` compares |θ₀ − τ_t| on the left-hand
+side instead of |τ_t|. That is a slip, so this module does not offer it as an option.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mergekit_plus.methods.base import MergeMethod, MergeTarget, Param
+from mergekit_plus.methods.chunks import Chunk, ChunkScratch, TaskVectors, chunk_bounds
+from mergekit_plus.methods.linear import validate_inputs
+from mergekit_plus.methods.sparsify import SIGN_ELECTIONS, consensus_merge
+from mergekit_plus.methods.ties import (
+    SCOPES,
+    ModelThreshold,
+    ThresholdTrim,
+    Trim,
+    TrimThresholds,
+    check_model_scope,
+    find_thresholds,
+    trimmed_chunks,
+)
+
+INNERS = ("task_arithmetic", "ties")
+"""Choices of the `inner` parameter: how the multi-task vector τ_MTL is made."""
+
+DEFAULT_MASK_LAMBDA = 0.4
+
+MASK_LAMBDA = Param(
+    "mask_lambda",
+    float,
+    DEFAULT_MASK_LAMBDA,
+    "λ_t of this task's TALL mask: an entry belongs to the task where |τ_t| > λ_t · |τ_MTL − τ_t|. "
+    "The paper picks it per task from 0.2 to 0.6 on validation data.",
+    per_model=True,
+    minimum=0.0,
+)
+INNER = Param(
+    "inner",
+    str,
+    "task_arithmetic",
+    'How the multi-task vector τ_MTL is made: "task_arithmetic" sums the task vectors, "ties" merges '
+    "them with TIES (trim to `density`, elect signs, disjoint sum). One value for the whole merge.",
+    choices=INNERS,
+)
+TIES_DENSITY = Param(
+    "density",
+    float,
+    0.2,
+    "With `inner: ties`: fraction of this model's task-vector entries kept by the TIES trim.",
+    per_model=True,
+    minimum=0.0,
+    maximum=1.0,
+)
+TIES_NORMALIZE = Param(
+    "normalize",
+    bool,
+    False,
+    "With `inner: ties`: divide by the number of agreeing models (disjoint mean) instead of the "
+    "paper's disjoint sum.",
+)
+TIES_SIGN_ELECTION = Param(
+    "sign_election",
+    str,
+    "trimmed",
+    'With `inner: ties`: "trimmed" elects the sign of the sum of the trimmed task vectors (TIES paper), '
+    '"weighted" the sign of their weighted sum (mergekit). All weights are 1 here, so both agree.',
+    choices=SIGN_ELECTIONS,
+)
+TIES_SCOPE = Param(
+    "scope",
+    str,
+    "model",
+    'With `inner: ties`: where the trim ranks each task vector\'s entries, "model" over the whole model '
+    '(TIES paper, one more statistics pass) or "tensor" within each tensor (mergekit).',
+    choices=SCOPES,
+)
+
+INNER_PARAMS = (INNER, TIES_DENSITY, TIES_NORMALIZE, TIES_SIGN_ELECTION, TIES_SCOPE)
+"""The parameters that choose τ_MTL, shared by every method built on TALL masks."""
+
+
+def check_inner_params(params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Reject TIES settings that differ from their defaults when `inner` is task_arithmetic.
+
+    A setting equal to its default cannot be distinguished from an unset one, so only those that
+    would change the result under `inner: ties` are caught.
+    """
+    if params["inner"] != "task_arithmetic":
+        return []
+    changed = [param.name for param in (TIES_NORMALIZE, TIES_SIGN_ELECTION, TIES_SCOPE)
+               if params[param.name] != param.default]
+    if any(values["density"] != TIES_DENSITY.default for values in model_params):
+        changed.append("density")
+    if not changed:
+        return []
+    names = ", ".join(f"`{name}`" for name in changed)
+    verb = "applies" if len(changed) == 1 else "apply"
+    return [f"{names} {verb} only with `inner: ties`, but `inner` is task_arithmetic; "
+            "remove them or set `inner: ties`"]
+
+
+def check_inner_is_uniform(targets: Sequence[MergeTarget]) -> list[str]:
+    """Check that `inner` is one value for the whole merge."""
+    inners: dict[str, str] = {}
+    for target in targets:
+        inners.setdefault(target.params["inner"], target.name)
+    if len(inners) <= 1:
+        return []
+    examples = ", ".join(f"{inner} for {name}" for inner, name in inners.items())
+    return [f"`inner` varies by tensor ({examples}), but it must be one value for the whole merge; "
+            "set a single `inner` under `parameters:`"]
+
+
+def multi_task_vector(
+    inputs: TaskVectors,
+    params: Mapping[str, Any],
+    model_params: Sequence[Mapping[str, Any]],
+    statistics: Sequence[ModelThreshold | None] | None,
+) -> torch.Tensor:
+    """Return τ_MTL of one tensor as a new flat tensor in the compute dtype.
+
+    `statistics` contains the whole-model TIES trim thresholds with `inner: ties` and `scope: model`,
+    and is ignored otherwise.
+    """
+    inner = params["inner"]
+    if inner == "task_arithmetic":
+        output = inputs.empty_output()
+        for chunk in inputs.chunks():
+            total = output[chunk.start : chunk.stop].copy_(chunk.deltas[0])
+            for delta in chunk.deltas[1:]:
+                total.add_(delta)
+        return output
+    if inner != "ties":
+        raise ValueError(f"inner must be one of {INNERS}, got {inner!r}")
+
+    trims = _ties_trims(params["scope"], inputs, model_params, statistics)
+    find_thresholds(inputs, trims)
+    # consensus_merge adds the base to the merged vector, so a zero base leaves τ_MTL itself.
+    return consensus_merge(
+        lambda: _with_zero_base(trimmed_chunks(inputs, trims), inputs.scratch),
+        inputs.empty_output(),
+        [1.0] * inputs.count,
+        sign_election=params["sign_election"],
+        normalize=params["normalize"],
+        scale=1.0,
+        scratch=inputs.scratch,
+    )
+
+
+def _with_zero_base(chunks: Iterator[Chunk], scratch: ChunkScratch) -> Iterator[Chunk]:
+    for chunk in chunks:
+        zeros = scratch.get("zero base", chunk.base.dtype, chunk.stop - chunk.start).zero_()
+        yield Chunk(chunk.start, chunk.stop, zeros, chunk.deltas)
+
+
+def _ties_trims(
+    scope: str,
+    inputs: TaskVectors,
+    model_params: Sequence[Mapping[str, Any]],
+    statistics: Sequence[ModelThreshold | None] | None,
+) -> list[Trim] | list[ThresholdTrim]:
+    if scope == "tensor":
+        return [Trim(values["density"], inputs.numel, inputs.compute_dtype) for values in model_params]
+    if scope != "model":
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if statistics is None or len(statistics) != inputs.count or any(entry is None for entry in statistics):
+        raise ValueError("`inner: ties` with `scope: model` needs one whole-model trim threshold per model as "
+                         "`statistics`; the executor finds them in statistics passes before the merge")
+    return [ThresholdTrim(threshold) for threshold in statistics]
+
+
+def task_masks(
+    deltas: Sequence[torch.Tensor],
+    multi_task: torch.Tensor,
+    lambdas: Sequence[float],
+    scratch: ChunkScratch | None = None,
+) -> list[torch.Tensor]:
+    """Return the TALL mask m_t = 1[|τ_t| > λ_t · |τ_MTL − τ_t|] of each task vector, as bool tensors.
+
+    All inputs are in one dtype and shape. With `scratch`, the masks are buffers that the next
+    call overwrites.
+    """
+    masks = []
+    for index, (delta, mask_lambda) in enumerate(zip(deltas, lambdas, strict=True)):
+        distance = _buffer(scratch, "distance", delta).copy_(multi_task).sub_(delta).abs_().mul_(mask_lambda)
+        magnitude = torch.abs(delta, out=_buffer(scratch, "magnitude", delta))
+        mask = _buffer(scratch, f"mask {index}", delta, dtype=torch.bool)
+        masks.append(torch.gt(magnitude, distance, out=mask))
+    return masks
+
+
+def mask_counts(masks: Sequence[torch.Tensor], scratch: ChunkScratch | None = None) -> torch.Tensor:
+    """Return, per entry, how many of `masks` keep it, as int16."""
+    counts = _buffer(scratch, "mask counts", masks[0], dtype=torch.int16).zero_()
+    for mask in masks:
+        counts.add_(mask)
+    return counts
+
+
+def _buffer(scratch: ChunkScratch | None, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    dtype = like.dtype if dtype is None else dtype
+    if scratch is None:
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    return scratch.get(name, dtype, like.numel()).view(like.shape)
+
+
+# The `tall_masks` method: a compressed multi-task bundle instead of one merged model.
+#
+# The bundle stores θ₀, τ_MTL and one bit-packed mask m_t per task, and `merge extract` rebuilds
+# θ_t = θ₀ + m_t ⊙ τ_MTL (coefficient 1, as in the paper). The folder format lives in `io/bundle.py`.
+
+BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+"""Weight of each of the 8 entries in a packed byte: the first entry is the most significant bit,
+as `numpy.packbits` packs by default."""
+
+PER_TASK_MODELS = Param(
+    "per_task_models",
+    bool,
+    False,
+    "Also write every task's rebuilt model θ₀ + m_t ⊙ τ_MTL as a Hugging Face folder under "
+    "`models/TASK/` inside the bundle folder.",
+)
+
+
+def packed_size(numel: int) -> int:
+    """Return the number of bytes that `numel` mask entries take when packed 8 to a byte."""
+    return (numel + 7) // 8
+
+
+def pack_mask(mask: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Pack a bool tensor into uint8, 8 entries per byte in flat (row-major) order.
+
+    The byte order matches `numpy.packbits(mask.ravel())`: entry 8·i + j is bit 7 − j of byte i,
+    and the last byte is padded with zero bits.
+    """
+    flat = mask.reshape(-1)
+    size = packed_size(flat.numel())
+    padded = torch.zeros(size * 8, dtype=torch.uint8, device=flat.device)
+    padded[: flat.numel()] = flat
+    weights = torch.tensor(BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
+    # Eight distinct powers of two sum to at most 255, so the uint8 sum cannot overflow.
+    packed = padded.view(size, 8).mul_(weights).sum(dim=1, dtype=torch.uint8)
+    if out is None:
+        return packed
+    return out.copy_(packed)
+
+
+def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Unpack the first `numel` entries of a mask packed by `pack_mask`, as a flat bool tensor."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError(f"a packed mask is a 1-D uint8 tensor, got {packed.dtype} with shape {list(packed.shape)}")
+    if packed.numel() != packed_size(numel):
+        raise ValueError(f"a packed mask of {numel} entries has {packed_size(numel)} bytes, got {packed.numel()}")
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    bits = packed.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1)
+    return bits.reshape(-1)[:numel].bool()
+
+
+@dataclass(frozen=True)
+class BundleEntry:
+    """What the bundle stores for one merged tensor: τ_MTL and each task's packed mask."""
+
+    multi_task: torch.Tensor
+    """τ_MTL in the compute dtype, shaped like the input tensor."""
+    masks: tuple[torch.Tensor, ...]
+    """One packed mask per task (`pack_mask` order), 1-D uint8 of `packed_size(numel)` bytes."""
+    kept: tuple[int, ...]
+    """How many entries each task's mask keeps."""
+
+
+def bundle_entry(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    *,
+    params: Mapping[str, Any],
+    model_params: Sequence[Mapping[str, Any]],
+    compute_dtype: torch.dtype = torch.float32,
+    statistics: Sequence[ModelThreshold | None] | None = None,
+) -> BundleEntry:
+    """Compute τ_MTL and the packed TALL mask of every task for one tensor.
+
+    The inputs are in their stored dtypes and are not changed. Besides τ_MTL and the packed masks
+    (1/8 byte per entry and task), only chunk-sized buffers exist.
+    """
+    validate_inputs(base, tensors, model_params)
+    inputs = TaskVectors(base, tensors, compute_dtype)
+    lambdas = [values["mask_lambda"] for values in model_params]
+    multi_task = multi_task_vector(inputs, params, model_params, statistics)
+
+    packed = [torch.empty(packed_size(inputs.numel), dtype=torch.uint8, device=inputs.device) for _ in tensors]
+    kept = [0] * len(tensors)
+    # CHUNK_NUMEL is a multiple of 8, so every chunk but the last fills whole bytes.
+    for chunk in inputs.chunks():
+        masks = task_masks(chunk.deltas, multi_task[chunk.start : chunk.stop], lambdas, inputs.scratch)
+        first, last = chunk.start // 8, packed_size(chunk.stop)
+        for index, mask in enumerate(masks):
+            pack_mask(mask, out=packed[index][first:last])
+            kept[index] += int(torch.count_nonzero(mask))
+    return BundleEntry(multi_task.view(inputs.shape), tuple(packed), tuple(kept))
+
+
+def apply_mask(
+    base: torch.Tensor,
+    multi_task: torch.Tensor,
+    packed: torch.Tensor,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Return θ₀ + m ⊙ τ_MTL in `compute_dtype`, with m unpacked from `packed` chunk by chunk."""
+    if base.shape != multi_task.shape:
+        raise ValueError(f"base shape {list(base.shape)} differs from τ_MTL shape {list(multi_task.shape)}")
+    numel = base.numel()
+    if packed.numel() != packed_size(numel):
+        raise ValueError(f"a packed mask of {numel} entries has {packed_size(numel)} bytes, got {packed.numel()}")
+    result = base.to(compute_dtype, copy=True).reshape(-1)
+    flat_tau = multi_task.reshape(-1)
+    for start, stop in chunk_bounds(numel):
+        mask = unpack_mask(packed[start // 8 : packed_size(stop)], stop - start)
+        result[start:stop].addcmul_(flat_tau[start:stop].to(compute_dtype), mask.to(compute_dtype))
+    return result.view(base.shape)
+
+
+def bundle_operator(
+    base: torch.Tensor | None,
+    tensors: Sequence[torch.Tensor],
+    *,
+    params: Mapping[str, Any],
+    model_params: Sequence[Mapping[str, Any]],
+    seeds: Sequence[int],
+    compute_dtype: torch.dtype = torch.float32,
+    statistics: Sequence[ModelThreshold | None] | None = None,
+) -> torch.Tensor:
+    """Reject a call as an ordinary merge operator: `tall_masks` writes a bundle, not one tensor."""
+    raise NotImplementedError("tall_masks has no single merged tensor: the executor writes a bundle of θ₀, τ_MTL "
+                              "and the task masks with `bundle_entry`, and `merge extract` rebuilds each task")
+
+
+@dataclass(frozen=True)
+class BundleMergeMethod(MergeMethod):
+    """A merge method whose output is a multi-task bundle folder rather than one checkpoint."""
+
+    output_kind: str = "bundle"
+
+
+def _tall_masks_statistics(targets: Sequence[MergeTarget], compute_dtype: torch.dtype) -> TrimThresholds | None:
+    """Return the whole-model TIES trim reducer for `inner: ties` with `scope: model`, else None."""
+    if not targets or targets[0].params["inner"] != "ties":
+        return None
+    return TrimThresholds.for_targets(targets, compute_dtype)
+
+
+def _check_tall_masks_model(targets: Sequence[MergeTarget]) -> list[str]:
+    problems = check_inner_is_uniform(targets)
+    per_task = {target.params["per_task_models"] for target in targets}
+    if len(per_task) > 1:
+        problems.append("`per_task_models` varies by tensor, but it must be one value for the whole merge; "
+                        "set it once under `parameters:`")
+    if problems or not targets or targets[0].params["inner"] != "ties":
+        return problems
+    return check_model_scope(targets)
+
+
+METHOD = BundleMergeMethod(
+    name="tall_masks",
+    title="TALL masks (multi-task bundle)",
+    paper="Wang et al., Localizing Task Information for Improved Model Merging and Compression, ICML 2024, "
+          "arXiv:2405.07813",
+    summary="Writes θ₀, the multi-task vector τ_MTL and one bit-packed TALL mask per task; `merge extract` "
+            "rebuilds each task's model θ₀ + m_t ⊙ τ_MTL.",
+    requires_base=True,
+    operator=bundle_operator,
+    params=(MASK_LAMBDA, *INNER_PARAMS, PER_TASK_MODELS),
+    check=check_inner_params,
+    check_model=_check_tall_masks_model,
+    statistics=_tall_masks_statistics,
+)

@@ -1,0 +1,125 @@
+"""Tests of the TALL masks and the multi-task vector they are built on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergekit_plus.methods.chunks import TaskVectors
+from mergekit_plus.methods.tall_masks import (
+    DEFAULT_MASK_LAMBDA,
+    INNER_PARAMS,
+    check_inner_params,
+    mask_counts,
+    multi_task_vector,
+    task_masks,
+)
+
+# Three task vectors of six entries. Their sum is τ_MTL = [0.4, −0.4, −0.45, 0.2, 0.2, 0.07], and
+# the masks m_t = 1[|τ_t| > λ · |τ_MTL − τ_t|] below were worked out by hand.
+TASK_VECTORS = [
+    [0.5, -0.2, 0.1, 0.0, 0.3, -0.05],
+    [-0.4, -0.3, 0.05, 0.2, 0.0, 0.1],
+    [0.3, 0.1, -0.6, 0.0, -0.1, 0.02],
+]
+MULTI_TASK_SUM = [0.4, -0.4, -0.45, 0.2, 0.2, 0.07]
+MASKS = {
+    0.4: [[1, 1, 0, 0, 1, 1], [1, 1, 0, 1, 0, 1], [1, 0, 1, 0, 0, 0]],
+    # At λ = 1, |τ₁| = |τ_MTL − τ₁| = 0.2 at index 1, and the strict ">" drops that entry.
+    1.0: [[1, 0, 0, 0, 1, 0], [0, 1, 0, 1, 0, 1], [1, 0, 1, 0, 0, 0]],
+}
+BASE = [1.0, -1.0, 0.5, 2.0, 0.0, 3.0]
+
+
+def inner_params(**overrides):
+    return {p.name: p.default for p in INNER_PARAMS if not p.per_model} | overrides
+
+
+def task_vectors(dtype=torch.float64):
+    return [torch.tensor(row, dtype=dtype) for row in TASK_VECTORS]
+
+
+@pytest.mark.parametrize("mask_lambda", sorted(MASKS))
+def test_masks_match_hand_computed(mask_lambda):
+    masks = task_masks(task_vectors(), torch.tensor(MULTI_TASK_SUM, dtype=torch.float64), [mask_lambda] * 3)
+
+    assert [mask.dtype for mask in masks] == [torch.bool] * 3
+    assert [mask.int().tolist() for mask in masks] == MASKS[mask_lambda]
+
+
+def test_masks_take_one_lambda_per_task():
+    multi_task = torch.tensor(MULTI_TASK_SUM, dtype=torch.float64)
+
+    masks = task_masks(task_vectors(), multi_task, [0.4, 1.0, 0.4])
+
+    assert [mask.int().tolist() for mask in masks] == [MASKS[0.4][0], MASKS[1.0][1], MASKS[0.4][2]]
+
+
+def test_lambda_zero_keeps_every_nonzero_entry():
+    masks = task_masks(task_vectors(), torch.tensor(MULTI_TASK_SUM, dtype=torch.float64), [0.0] * 3)
+
+    for mask, row in zip(masks, TASK_VECTORS):
+        assert mask.tolist() == [value != 0 for value in row]
+
+
+def test_mask_counts_per_entry():
+    masks = [torch.tensor(row, dtype=torch.bool) for row in MASKS[0.4]]
+
+    counts = mask_counts(masks)
+
+    assert counts.tolist() == [3, 2, 1, 1, 1, 2]
+
+
+def test_multi_task_sum_of_task_vectors():
+    base = torch.tensor(BASE, dtype=torch.float64)
+    inputs = TaskVectors(base, [base + delta for delta in task_vectors()], torch.float64)
+
+    multi_task = multi_task_vector(inputs, inner_params(), [{"density": 0.2}] * 3, None)
+
+    torch.testing.assert_close(multi_task, torch.tensor(MULTI_TASK_SUM, dtype=torch.float64))
+
+
+def test_multi_task_ties_dis_sum_in_tensor_scope():
+    """Density 0.5 per tensor keeps three entries of each row, and the dis-sum was worked out by hand.
+
+    τ̂₁ = [0.5, −0.2, 0, 0, 0.3, 0], τ̂₂ = [−0.4, −0.3, 0, 0.2, 0, 0],
+    τ̂₃ = [0.3, 0, −0.6, 0, −0.1, 0] (of the tied 0.1 and −0.1, the lower index stays).
+    No trimmed row keeps index 5, so the sum there is 0.
+    """
+    base = torch.tensor(BASE, dtype=torch.float64)
+    inputs = TaskVectors(base, [base + delta for delta in task_vectors()], torch.float64)
+
+    multi_task = multi_task_vector(inputs, inner_params(inner="ties", scope="tensor"), [{"density": 0.5}] * 3, None)
+
+    torch.testing.assert_close(multi_task, torch.tensor([0.8, -0.5, -0.6, 0.2, 0.3, 0.0], dtype=torch.float64))
+
+
+def test_ties_model_scope_needs_thresholds():
+    base = torch.zeros(6, dtype=torch.float64)
+    inputs = TaskVectors(base, [base + delta for delta in task_vectors()], torch.float64)
+
+    with pytest.raises(ValueError, match="needs one whole-model trim threshold per model"):
+        multi_task_vector(inputs, inner_params(inner="ties"), [{"density": 0.5}] * 3, None)
+
+
+def test_unknown_inner_rejected():
+    base = torch.zeros(6, dtype=torch.float64)
+    inputs = TaskVectors(base, [base + delta for delta in task_vectors()], torch.float64)
+
+    with pytest.raises(ValueError, match="inner must be one of"):
+        multi_task_vector(inputs, inner_params(inner="dare"), [{"density": 0.2}] * 3, None)
+
+
+def test_ties_settings_rejected_without_ties():
+    problems = check_inner_params(inner_params(normalize=True), [{"density": 0.5}, {"density": 0.2}])
+
+    assert len(problems) == 1
+    assert "`normalize`, `density` apply only with `inner: ties`" in problems[0]
+
+
+def test_ties_settings_accepted_with_ties():
+    assert check_inner_params(inner_params(inner="ties", normalize=True), [{"density": 0.5}]) == []
+
+
+def test_default_mask_lambda_mid_grid():
+    assert DEFAULT_MASK_LAMBDA == 0.4
