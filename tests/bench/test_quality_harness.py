@@ -31,7 +31,7 @@ def _load_harness():
 
 quality = _load_harness()
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "consensus", "lines", "pcb")
 # The settings the recipes must carry: the usual ones of each method's paper.
 EXPECTED_PARAMETERS = {
     "linear": {"weight": 1.0, "normalize": True},
@@ -39,6 +39,9 @@ EXPECTED_PARAMETERS = {
     "ties": {"density": 0.2, "lambda": 1.0, "normalize": True, "sign_election": "trimmed", "scope": "model"},
     "dare_linear": {"density": 0.5, "lambda": 0.3, "rescale": True},
     "dare_ties": {"density": 0.5, "lambda": 1.0, "normalize": True, "rescale": True, "sign_election": "trimmed"},
+    "consensus": {"inner": "task_arithmetic", "k": 2, "mask_lambda": 0.4, "lambda": 0.4},
+    "lines": {"inner": "task_arithmetic", "beta": 0.3},
+    "pcb": {"variant": "reference", "density": 0.2, "clamp_ratio": 0.01, "lambda": 1.0, "scope": "model"},
 }
 
 
