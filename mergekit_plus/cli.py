@@ -153,9 +153,14 @@ def run(
         typer.echo(json.dumps({"ok": True, "exit_code": 0, "output": str(summary.output), "tensors": summary.tensors,
                                "total_bytes": summary.total_bytes, "seconds": round(summary.seconds, 3),
                                "recipe_sha256": recipe_sha256(data), "files": _file_summaries(summary.output),
-                               "hub": uploaded.to_dict() if uploaded else None}, indent=2))
+                               "hub": uploaded.to_dict() if uploaded else None,
+                               **({"storage": summary.storage} if summary.storage is not None else {})}, indent=2))
         return
-    if not quiet:
+    if not quiet and summary.storage is not None:
+        typer.echo(f"wrote a bundle of {summary.tensors} tensors ({format_size(summary.total_bytes)}) into "
+                   f"{summary.output} in {summary.seconds:.1f} s: {summary.storage['ratio']:.4f} of the input "
+                   f"checkpoints' weight bytes, against a bit-packing floor of {summary.storage['floor']:.4f}")
+    elif not quiet:
         typer.echo(f"merged {summary.tensors} tensors ({format_size(summary.total_bytes)}) into {summary.output} "
                    f"in {summary.seconds:.1f} s")
         if uploaded is not None:
@@ -322,6 +327,34 @@ def evaluate(
     except MergeError as error:
         _fail_run(error, as_json=as_json, verbose=verbose)
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@app.command()
+def extract(
+    bundle: Annotated[Path, typer.Argument(help="A bundle folder that `merge run` wrote for a tall_masks recipe.",
+                                           show_default=False, metavar="BUNDLE")],
+    task: Annotated[str, typer.Option("--task", help="The task to rebuild, as named in the bundle's bundle.json.",
+                                      show_default=False)],
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Output folder. Default: BUNDLE-TASK beside the bundle.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")] = False,
+    device: Annotated[str, typer.Option(help="Where the masks are applied: cpu, cuda, cuda:N or auto.")] = "cpu",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Rebuild one task's model θ₀ + m_t ⊙ τ_MTL from a tall_masks bundle as a Hugging Face folder.
+
+    Exit codes: 0 done, 1 invalid command line, 2 bundle or task not found, 3 output.
+    """
+    from mergekit_plus.io.bundle import extract_task
+
+    _setup_logging(verbose=verbose, quiet=quiet)
+    try:
+        folder = extract_task(bundle, task, output, overwrite=force, device=device)
+    except MergeError as error:
+        _fail(error, verbose=verbose)
+    if not quiet:
+        typer.echo(f"extracted task {task} into {folder}")
 
 
 @app.command()

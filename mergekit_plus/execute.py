@@ -29,6 +29,7 @@ from mergekit_plus.errors import MergeError, MergeValueError, OutputError
 from mergekit_plus.io.sidefiles import (
     InputRecord,
     copy_tokenizer_files,
+    write_adapter_config,
     write_config,
     write_model_card,
     write_recipe_copy,
@@ -82,6 +83,10 @@ def run_plan(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", pr
         from mergekit_plus.io.bundle import run_bundle
 
         return run_bundle(plan, recipe_data=recipe_data, device=device, progress=progress)
+    if getattr(plan.method, "output_kind", "checkpoint") == "moe":
+        from mergekit_plus.moe.execute import run_moe
+
+        return run_moe(plan, recipe_data=recipe_data, device=device, progress=progress)
     target = select_device(device)
     started = time.perf_counter()
     # Whole-model statistics come before the staging folder: they only read, so an interrupted or
@@ -180,12 +185,16 @@ def _write_side_files(plan: Plan, staging: Path, recipe_data: dict[str, Any]) ->
     out_dtype_name = DTYPE_NAMES[plan.out_dtype]
     if write_config(staging, plan.config, out_dtype=out_dtype_name):
         files.append("config.json")
+    if plan.adapter is not None:
+        write_adapter_config(staging, plan.adapter.folder, output=plan.output)
+        files.append("adapter_config.json")
     copied = copy_tokenizer_files(staging, plan.tokenizer_source)
     write_model_card(
         staging, method_title=plan.method.title, method_name=plan.method.name, paper=plan.method.paper,
         inputs=[InputRecord(i.role, i.source) for i in plan.inputs], recipe_data=recipe_data,
         seed=plan.recipe.seed, compute_dtype=plan.recipe.dtype, out_dtype=out_dtype_name,
-        tokenizer_source=plan.tokenizer_source, copied_files=copied, parameters=_effective_parameters(plan))
+        tokenizer_source=plan.tokenizer_source, copied_files=copied, parameters=_effective_parameters(plan),
+        library_name="peft" if plan.adapter is not None else "transformers")
     write_recipe_copy(staging, recipe_data)
     return files + copied + ["README.md", "merge_recipe.yaml"]
 
@@ -198,8 +207,13 @@ def _effective_parameters(plan: Plan) -> dict[str, Any]:
         {p.name: model.parameters.get(p.name, recipe.parameters.get(p.name, p.default)) for p in plan.method.model_params}
         for model in recipe.models
     ]
-    return {"method": plan.method.name, "parameters": merged,
-            "models": [{"model": model.model, **values} for model, values in zip(recipe.models, per_model)]}
+    entries = [{"model": model.model, **values} for model, values in zip(recipe.models, per_model)]
+    model_weights = getattr(plan.method, "model_weights", None)
+    if model_weights is not None:
+        # Methods that derive each model's weight from its parameters (mwa) record the weights used.
+        for entry, weight in zip(entries, model_weights(merged, per_model)):
+            entry["merge_weight"] = round(weight, 8)
+    return {"method": plan.method.name, "parameters": merged, "models": entries}
 
 
 @contextmanager

@@ -23,9 +23,16 @@ import torch
 from mergekit_plus import architecture
 from mergekit_plus.errors import InputError, MergeError, RecipeError
 from mergekit_plus.io.reader import CheckpointReader, TensorInfo
+from mergekit_plus.io.sidefiles import (
+    ADAPTER_WEIGHTS_FILE,
+    adapter_base_path,
+    adapter_differences,
+    is_adapter_folder,
+    read_adapter_config,
+)
 from mergekit_plus.io.sources import ModelSource, resolve_source
 from mergekit_plus.io.vocab import read_vocabulary
-from mergekit_plus.io.writer import CheckpointLayout, PlannedTensor, StagedOutput, plan_layout
+from mergekit_plus.io.writer import CheckpointLayout, PlannedTensor, StagedOutput, plan_layout, plan_single_file
 from mergekit_plus.methods import get_method
 from mergekit_plus.methods.base import REQUIRED, MergeMethod, MergeTarget, ModelStatistics, TensorLayer
 from mergekit_plus.methods.chunks import CHUNK_NUMEL
@@ -132,6 +139,8 @@ class Plan:
     config: dict[str, Any] | None
     peak_bytes_estimate: int
     statistics: StatisticsPlan | None = None
+    adapter: ModelSource | None = None
+    """For PEFT adapter inputs: the input whose adapter_config.json the output adapter copies."""
 
     @property
     def inputs(self) -> tuple[InputModel, ...]:
@@ -192,6 +201,10 @@ def build_plan(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
     method = get_method(recipe.merge_method)
     if method is None:  # the recipe validation already rejects this; kept for plans built in code
         raise RecipeError([f"unknown merge method `{recipe.merge_method}`"])
+    if getattr(method, "output_kind", "checkpoint") == "bundle" and recipe.vocab_policy == "align":
+        raise RecipeError([f"`{method.name}` does not support `tokenizer.vocab: align`: a task mask over rows that "
+                           "some inputs lack has no meaning in the bundle; merge checkpoints with the same "
+                           "vocabulary (`vocab: strict`)"])
 
     # 1. The output folder, checked first: it costs nothing and spares reading headers for nothing.
     chosen = output or recipe.output.path
@@ -205,6 +218,11 @@ def build_plan(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
 
     # 2. Inputs: resolve every source and read every header, reporting all broken inputs together.
     base, models, tokenizer_source = _open_inputs(recipe)
+    adapter = _adapter_source(recipe, method, base, models)
+    fill_model_parameters = getattr(method, "fill_model_parameters", None)
+    if fill_model_parameters is not None:
+        # Per-model values that the inputs' own files provide (MWA's training metrics), before any tensor is planned.
+        recipe = fill_model_parameters(recipe, [(m.index, m.source.label, m.source.folder) for m in models])
     if output_path is not None:
         _check_output_is_not_an_input(output_path, [i.source for i in (base, *models) if i is not None])
     _check_not_quantized([i for i in (base, *models) if i is not None])
@@ -228,8 +246,11 @@ def build_plan(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
 
     # 4. Whole-model statistics, shards and memory.
     statistics = _plan_statistics(method, jobs, compute_dtype)
-    layout = plan_layout([job.output for job in jobs], max_shard_bytes=recipe.shard_size_bytes,
-                         metadata={"format": "pt"})
+    if adapter is not None:
+        layout = _adapter_layout(recipe, [job.output for job in jobs])
+    else:
+        layout = plan_layout([job.output for job in jobs], max_shard_bytes=recipe.shard_size_bytes,
+                             metadata={"format": "pt"})
     if staged is not None:
         staged.check_free_space(layout.total_size)
     peak_bytes = estimate_peak_bytes(jobs, compute_dtype,
@@ -237,7 +258,8 @@ def build_plan(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
     plan = Plan(recipe=recipe, method=method, base=base, models=tuple(models), reference=reference,
                 tokenizer_source=tokenizer_source, jobs=tuple(jobs), dropped=tuple(dropped), layout=layout,
                 compute_dtype=compute_dtype, out_dtype=out_dtype, output=output_path, staged=staged,
-                config=config, peak_bytes_estimate=peak_bytes, statistics=statistics)
+                config=config, peak_bytes_estimate=peak_bytes, statistics=statistics,
+                adapter=adapter)
     logger.info("planned %d tensors (%d dropped) into %d file(s), %s; tensors in flight need about %s",
                 len(jobs), len(dropped), len(layout.shards), format_size(layout.total_size),
                 format_size(plan.peak_bytes_estimate))
@@ -368,6 +390,51 @@ def _open_inputs(recipe: Recipe) -> tuple[InputModel | None, list[InputModel], M
     else:
         tokenizer_source = next(m.source for m in models if recipe.models[m.index].model == name)
     return base, models, tokenizer_source
+
+
+def _adapter_source(recipe: Recipe, method: MergeMethod, base: InputModel | None,
+                    models: list[InputModel]) -> ModelSource | None:
+    """Return the first model's source when the models are PEFT adapters of one base, else None.
+
+    Adapter tensors are merged among themselves, so a base model, a mix of adapters and full
+    checkpoints, or adapters of different shapes or bases are rejected here.
+    """
+    adapters = [model for model in models if is_adapter_folder(model.source.folder)]
+    if not adapters:
+        return None
+    hint = "merge checkpoints of one PEFT run: LoRA adapters with the same settings and base model"
+    if len(adapters) != len(models):
+        full = next(model for model in models if model not in adapters)
+        raise InputError(f"{adapters[0].label} is a PEFT adapter but {full.label} is a full checkpoint; "
+                         "the inputs must all be adapters or all full checkpoints", hint=hint)
+    if base is not None:
+        raise InputError(f"the models are PEFT adapters, which `{method.name}` cannot merge with base_model "
+                         f"{base.source.label}: adapter tensors are averaged among themselves",
+                         hint="remove `base_model` and use a method without a base model (mwa or linear)")
+    configs = [read_adapter_config(model.source.folder) for model in models]
+    reference_base = adapter_base_path(models[0].source.folder, configs[0])
+    for model, config in zip(models[1:], configs[1:]):
+        differences = adapter_differences(configs[0], config)
+        other_base = adapter_base_path(model.source.folder, config)
+        if other_base != reference_base:
+            differences.append(f"base model {other_base!r} vs {reference_base!r}")
+        if differences:
+            raise InputError(f"adapter {model.label} differs from {models[0].label}: {'; '.join(differences)}",
+                             hint=hint)
+    if str(configs[0].get("peft_type", "")).upper() != "LORA":
+        raise InputError(f"{models[0].label} is a {configs[0].get('peft_type')!r} adapter; only LoRA adapters "
+                         "are supported", hint=hint)
+    return models[0].source
+
+
+def _adapter_layout(recipe: Recipe, tensors: list[PlannedTensor]) -> CheckpointLayout:
+    """Lay out an adapter as the one file that peft loads; reject a shard size it does not fit in."""
+    layout = plan_single_file(tensors, file_name=ADAPTER_WEIGHTS_FILE, metadata={"format": "pt"})
+    if layout.total_size > recipe.shard_size_bytes:
+        raise RecipeError([f"output.shard_size: the merged adapter needs {format_size(layout.total_size)} in one "
+                           f"file ({ADAPTER_WEIGHTS_FILE}, which peft loads without an index), more than "
+                           f"`shard_size: {recipe.output.shard_size}`; raise or remove `shard_size`"])
+    return layout
 
 
 def _check_output_is_not_an_input(output: Path, sources: list[ModelSource]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 import yaml
 
 from mergekit_plus import __version__
+from mergekit_plus.errors import InputError
 from mergekit_plus.io.sources import ModelSource
 
 # Copied unchanged from the tokenizer source when present.
@@ -25,6 +27,68 @@ RECIPE_FILE_NAME = "merge_recipe.yaml"
 CARD_FILE_NAME = "README.md"
 # The revision cell of a local input in the card's Inputs table.
 LOCAL_REVISION = "local folder"
+
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+# Settings that change what an adapter's tensors mean, so adapters that differ in one cannot be averaged.
+_ADAPTER_SHAPE_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern",
+                       "use_rslora", "use_dora", "fan_in_fan_out", "modules_to_save", "bias")
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """Return whether `folder` is a PEFT adapter: an adapter_config.json and no config.json."""
+    return (folder / ADAPTER_CONFIG_FILE).is_file() and not (folder / "config.json").is_file()
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """Read a PEFT adapter's adapter_config.json. Raise InputError when it is not a JSON object."""
+    path = folder / ADAPTER_CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path} cannot be read as JSON ({exc})", hint="save the adapter again") from exc
+    if not isinstance(config, dict):
+        raise InputError(f"{path} is not a JSON object", hint="save the adapter again")
+    return config
+
+
+def adapter_base_path(folder: Path, config: dict[str, Any]) -> str | None:
+    """Return the adapter's `base_model_name_or_path`, resolved against `folder` when it is a relative path
+    to an existing folder (zoo adapters name their base as ../../base), else as written."""
+    base = config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        return None
+    candidate = Path(base)
+    if not candidate.is_absolute() and (folder / candidate).is_dir():
+        return str((folder / candidate).resolve())
+    return base
+
+
+def adapter_differences(reference: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """Name the settings in which two adapter configs differ in a way that forbids averaging them."""
+    differences = []
+    for key in _ADAPTER_SHAPE_KEYS:
+        mine, theirs = reference.get(key), other.get(key)
+        if isinstance(mine, list) and isinstance(theirs, list):
+            mine, theirs = sorted(map(str, mine)), sorted(map(str, theirs))
+        if mine != theirs:
+            differences.append(f"{key} {theirs!r} vs {mine!r}")
+    return differences
+
+
+def write_adapter_config(folder: Path, source_folder: Path, *, output: Path) -> None:
+    """Copy the adapter config of `source_folder` into `folder`, for an adapter that will live at `output`.
+
+    A relative `base_model_name_or_path` that names an existing folder is rewritten relative to
+    `output`, so that the merged adapter still finds the same base model.
+    """
+    config = read_adapter_config(source_folder)
+    base = config.get("base_model_name_or_path")
+    resolved = adapter_base_path(source_folder, config)
+    if isinstance(base, str) and resolved is not None and resolved != base:
+        config["base_model_name_or_path"] = os.path.relpath(resolved, output.resolve())
+    (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -90,6 +154,7 @@ def write_model_card(
     tokenizer_source: ModelSource,
     copied_files: Sequence[str],
     parameters: dict[str, Any] | None = None,
+    library_name: str = "transformers",
 ) -> None:
     """Write README.md: YAML front matter (base_model lists Hub ids only) and a body naming the inputs.
 
@@ -102,7 +167,7 @@ def write_model_card(
     if hub_ids:
         front["base_model"] = hub_ids
         front["base_model_relation"] = "merge"
-    front["library_name"] = "transformers"
+    front["library_name"] = library_name
     front["tags"] = ["merge", "mergekit_plus", method_name]
 
     lines = [

@@ -87,6 +87,12 @@ def plan_layout(tensors: Sequence[PlannedTensor], *, max_shard_bytes: int,
     return CheckpointLayout(tuple(shards), sum(t.nbytes for t in tensors))
 
 
+def plan_single_file(tensors: Sequence[PlannedTensor], *, file_name: str,
+                     metadata: Mapping[str, str] | None = None) -> CheckpointLayout:
+    """Put every tensor into one file named `file_name`, for formats that load no index (PEFT adapters)."""
+    return CheckpointLayout((_layout_shard(file_name, list(tensors), metadata or {}),), sum(t.nbytes for t in tensors))
+
+
 def _layout_shard(file_name: str, group: list[PlannedTensor], metadata: Mapping[str, str]) -> ShardLayout:
     # Wider dtypes first keeps every tensor aligned to its element size, since safetensors allows
     # no padding between tensors and the data section starts 8-byte aligned.

@@ -7,6 +7,8 @@ from mergekit_plus.methods import consensus
 from mergekit_plus.methods import lines
 from mergekit_plus.methods import pcb
 from mergekit_plus.methods import tall_masks
+from mergekit_plus.methods import mwa
+from mergekit_plus.methods import mc_smoe
 from mergekit_plus.methods.base import MergeMethod, Param
 
 _ALL: tuple[MergeMethod, ...] = (
@@ -19,6 +21,8 @@ _ALL: tuple[MergeMethod, ...] = (
     lines.METHOD,
     pcb.METHOD,
     tall_masks.METHOD,
+    mwa.METHOD,
+    mc_smoe.METHOD,
 )
 
 METHODS: dict[str, MergeMethod] = {}

@@ -14,6 +14,9 @@ With base θ₀, models θ₁ … θ_T and task vectors τ_t = θ_t − θ₀:
    per-model parameter `mask_lambda`. The paper picks it per task on that task's validation data
    from {0.2, 0.3, 0.4, 0.5, 0.6}, and the default 0.4 is the middle of that grid.
 
+3. The `tall_masks` method (`METHOD` below) stores θ₀, τ_MTL and every m_t bit-packed in a bundle
+   folder (`io/bundle.py`), and `merge extract` rebuilds θ̂_t = θ₀ + m_t ⊙ τ_MTL.
+
 The masks compare the raw task vectors τ_t, not their TIES-trimmed versions, as the authors'
 code does. FusionBench's `TallMaskTaskArithmeticAlgorithm` compares |θ₀ − τ_t| on the left-hand
 side instead of |τ_t|. That is a slip, so this module does not offer it as an option.

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import numpy
 import pytest
 import torch
 
-from mergekit_plus.methods.chunks import TaskVectors
+from mergekit_plus.methods.chunks import CHUNK_NUMEL, TaskVectors
 from mergekit_plus.methods.tall_masks import (
     DEFAULT_MASK_LAMBDA,
     INNER_PARAMS,
+    METHOD,
+    apply_mask,
+    bundle_entry,
     check_inner_params,
     mask_counts,
     multi_task_vector,
+    pack_mask,
+    packed_size,
     task_masks,
+    unpack_mask,
 )
 
 # Three task vectors of six entries. Their sum is τ_MTL = [0.4, −0.4, −0.45, 0.2, 0.2, 0.07], and
@@ -123,3 +130,116 @@ def test_ties_settings_accepted_with_ties():
 
 def test_default_mask_lambda_mid_grid():
     assert DEFAULT_MASK_LAMBDA == 0.4
+
+
+# The `tall_masks` bundle: bit-packed masks and the rebuilt task models
+
+
+def bundle_params(**overrides):
+    return {p.name: p.default for p in METHOD.global_params} | overrides
+
+
+@pytest.mark.parametrize("numel", [1, 5, 7, 8, 9, 13, 64, 1001])
+def test_pack_mask_matches_numpy_packbits(numel):
+    mask = torch.rand(numel, generator=torch.Generator().manual_seed(numel)) > 0.5
+
+    packed = pack_mask(mask)
+
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == packed_size(numel)
+    assert packed.tolist() == numpy.packbits(mask.numpy()).tolist()
+
+
+@pytest.mark.parametrize("numel", [1, 5, 7, 8, 9, 13, 64, 1001])
+def test_mask_round_trips_through_packing(numel):
+    mask = torch.rand(numel, generator=torch.Generator().manual_seed(numel)) > 0.3
+
+    assert torch.equal(unpack_mask(pack_mask(mask), numel), mask)
+
+
+def test_pack_mask_flattens_row_major():
+    mask = torch.tensor([[True, False, False], [False, False, False], [False, False, True]])
+
+    assert pack_mask(mask).tolist() == [0b10000000, 0b10000000]
+
+
+def test_unpack_mask_rejects_wrong_size():
+    with pytest.raises(ValueError, match="a packed mask of 9 entries has 2 bytes, got 1"):
+        unpack_mask(torch.zeros(1, dtype=torch.uint8), 9)
+
+
+@pytest.mark.parametrize("mask_lambda", sorted(MASKS))
+def test_bundle_entry_masks_hand_computed(mask_lambda):
+    base = torch.tensor(BASE, dtype=torch.float64)
+    models = [base + delta for delta in task_vectors()]
+
+    entry = bundle_entry(base, models, params=bundle_params(), model_params=[{"mask_lambda": mask_lambda}] * 3,
+                         compute_dtype=torch.float64)
+
+    torch.testing.assert_close(entry.multi_task, torch.tensor(MULTI_TASK_SUM, dtype=torch.float64))
+    assert [unpack_mask(packed, 6).int().tolist() for packed in entry.masks] == MASKS[mask_lambda]
+    assert list(entry.kept) == [sum(row) for row in MASKS[mask_lambda]]
+
+
+@pytest.mark.parametrize("mask_lambda", sorted(MASKS))
+def test_apply_mask_rebuilds_hand_computed_task(mask_lambda):
+    base = torch.tensor(BASE, dtype=torch.float64)
+    entry = bundle_entry(base, [base + delta for delta in task_vectors()], params=bundle_params(),
+                         model_params=[{"mask_lambda": mask_lambda}] * 3, compute_dtype=torch.float64)
+
+    for packed, mask in zip(entry.masks, MASKS[mask_lambda]):
+        rebuilt = apply_mask(base, entry.multi_task, packed, torch.float64)
+        expected = [b + m * t for b, m, t in zip(BASE, mask, MULTI_TASK_SUM)]
+        torch.testing.assert_close(rebuilt, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_all_ones_masks_give_task_arithmetic():
+    """With λ_t = 0 and no zero task-vector entry, every mask keeps everything: θ₀ + τ_MTL = TA with λ = 1."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(5, 7, generator=generator)
+    models = [base + torch.randn(5, 7, generator=generator) * 0.1 for _ in range(3)]
+
+    entry = bundle_entry(base, models, params=bundle_params(), model_params=[{"mask_lambda": 0.0}] * 3)
+
+    task_arithmetic = base + sum(model - base for model in models)
+    for packed in entry.masks:
+        assert bool(unpack_mask(packed, 35).all())
+        torch.testing.assert_close(apply_mask(base, entry.multi_task, packed), task_arithmetic)
+
+
+def test_masks_cross_chunk_boundary():
+    """A tensor of CHUNK_NUMEL + 13 entries packs its last, partial byte after a whole chunk."""
+    numel = CHUNK_NUMEL + 13
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(numel, generator=generator)
+    models = [base + torch.randn(numel, generator=generator) for _ in range(2)]
+
+    entry = bundle_entry(base, models, params=bundle_params(), model_params=[{"mask_lambda": 0.4}] * 2)
+
+    deltas = [model - base for model in models]
+    expected = task_masks(deltas, deltas[0] + deltas[1], [0.4, 0.4])
+    for packed, mask in zip(entry.masks, expected):
+        assert torch.equal(unpack_mask(packed, numel), mask)
+
+
+def test_bundle_entry_leaves_inputs_unchanged():
+    base = torch.tensor(BASE, dtype=torch.float32)
+    models = [base + delta.float() for delta in task_vectors()]
+    copies = [base.clone(), *(model.clone() for model in models)]
+
+    bundle_entry(base, models, params=bundle_params(), model_params=[{"mask_lambda": 0.4}] * 3)
+
+    for before, after in zip(copies, [base, *models]):
+        assert torch.equal(before, after)
+
+
+def test_bundle_method_operator_rejected():
+    base = torch.zeros(2)
+
+    with pytest.raises(NotImplementedError, match="tall_masks has no single merged tensor"):
+        METHOD.operator(base, [base], params=bundle_params(), model_params=[{"mask_lambda": 0.4}], seeds=())
+
+
+def test_bundle_method_declares_bundle_output():
+    assert METHOD.output_kind == "bundle"
+    assert METHOD.requires_base

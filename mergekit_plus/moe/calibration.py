@@ -1,0 +1,123 @@
+"""Routing statistics of an MoE checkpoint from one forward pass over calibration text.
+
+The model is loaded whole with transformers, in float32 on the chosen device, and every router
+gets a forward hook. transformers 5 keeps each layer's experts fused in one module, so the router
+(`….gate`) is the one module whose output shows per-expert decisions. Its output, or the first entry
+of a tuple output, is the router-logit matrix (tokens × E).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergekit_plus.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+_ROUTER_MODULE = re.compile(r"layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate$")
+_TEXT_FIELDS = ("text", "prompt", "input", "content")
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """Routing statistics of one MoE layer over the calibration tokens."""
+
+    usage: torch.Tensor
+    """f_e: the share of top-k picks that went to each expert (E,), summing to 1."""
+    logit_gram: torch.Tensor
+    """LᵀL (E × E) of the router-logit matrix L, from which cosine similarities follow."""
+    tokens: int
+
+
+def read_calibration_texts(pattern: str, *, limit: int) -> list[str]:
+    """Read up to `limit` texts from each file that `pattern` (a path or a glob pattern) matches, in name order.
+
+    A .jsonl file contains one JSON object per line (`text`, `prompt`, `input` or `content`).
+    Any other file contains one text per line.
+    """
+    paths = sorted(Path(match) for match in glob.glob(pattern)) if glob.has_magic(pattern) else [Path(pattern)]
+    if not paths:
+        raise InputError(f"no calibration file matches {pattern}",
+                         hint="set `calibration:` to a .jsonl or .txt file or a glob pattern that matches some")
+    texts = []
+    for path in paths:
+        texts += _read_texts(path, limit=limit)
+    return texts
+
+
+def _read_texts(path: Path, *, limit: int) -> list[str]:
+    if not path.is_file():
+        raise InputError(f"calibration file {path} not found",
+                         hint="set `calibration:` to a .jsonl or .txt file, such as build/zoo/test/lm/data/vowels/"
+                              "calibration.jsonl")
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{number}: invalid JSON ({exc.msg})",
+                                 hint="write one JSON object per line, or use a .txt file with one text per line") from exc
+            field = next((key for key in _TEXT_FIELDS if isinstance(record, dict) and key in record), None)
+            if field is None:
+                raise InputError(f"{path}:{number}: no text field; expected one of {', '.join(_TEXT_FIELDS)}",
+                                 hint='write lines such as {"text": "..."}')
+            texts.append(str(record[field]))
+        else:
+            texts.append(line)
+        if len(texts) >= limit:
+            break
+    if not texts:
+        raise InputError(f"calibration file {path} contains no text", hint="add at least one line of text")
+    return texts
+
+
+def gather_routing(model_folder: Path, texts: list[str], *, top_k: int, max_tokens: int,
+                   device: torch.device) -> dict[int, LayerRouting]:
+    """Run the model over `texts`, one text at a time, and return each MoE layer's routing statistics."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).to(device).eval()
+    counts: dict[int, torch.Tensor] = {}
+    grams: dict[int, torch.Tensor] = {}
+    tokens: dict[int, int] = {}
+
+    def record(layer: int):
+        def hook(module, inputs, output):
+            logits = output[0] if isinstance(output, tuple) else output
+            logits = logits.reshape(-1, logits.shape[-1]).double()
+            picks = logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices.reshape(-1)
+            counts[layer] = counts.get(layer, 0) + torch.bincount(picks, minlength=logits.shape[-1]).cpu()
+            grams[layer] = grams.get(layer, 0) + (logits.T @ logits).cpu()
+            tokens[layer] = tokens.get(layer, 0) + logits.shape[0]
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        match = _ROUTER_MODULE.search(name)
+        if match:
+            handles.append(module.register_forward_hook(record(int(match.group(1)))))
+    if not handles:
+        raise InputError(f"no router modules (`layers.N.block_sparse_moe.gate` or `layers.N.mlp.gate`) found in "
+                         f"{model_folder}", hint="expert merging needs a Mixtral, Qwen2-MoE or OLMoE style model")
+    try:
+        with torch.no_grad():
+            for text in texts:
+                encoded = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_tokens)
+                model(**{key: value.to(device) for key, value in encoded.items()})
+    finally:
+        for handle in handles:
+            handle.remove()
+    # Softmax is monotonic, so top-k of the logits picks what top-k of the probabilities picks.
+    return {layer: LayerRouting(counts[layer].double() / counts[layer].sum(), grams[layer], tokens[layer])
+            for layer in sorted(counts)}
