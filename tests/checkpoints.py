@@ -22,6 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models
 from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -390,3 +393,28 @@ def install_in_hub_cache(source: Path, cache_dir: Path, repo_id: str) -> str:
     refs.mkdir(exist_ok=True)
     (refs / "main").write_text(commit)
     return commit
+
+
+TINY_BERT = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                 max_position_embeddings=32)
+
+
+def build_bert_family(root: Path) -> dict[str, Path]:
+    """Save a bare BertModel base and two classification fine-tunes of it, with 2 and 3 labels.
+
+    The fine-tunes store the encoder under `bert.` beside a `classifier.*` head, as task models do.
+    """
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(**TINY_BERT)).eval()
+    base.save_pretrained(root / "base")
+    folders = {"base": root / "base"}
+    for seed, labels in ((1, 2), (2, 3)):
+        fine_tune = BertForSequenceClassification(BertConfig(**TINY_BERT, num_labels=labels))
+        fine_tune.bert.load_state_dict(base.state_dict())
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in fine_tune.parameters():
+                parameter.add_(0.01 * torch.randn(parameter.shape, generator=generator))
+        fine_tune.save_pretrained(root / f"ft-{seed}")
+        folders[f"ft-{seed}"] = root / f"ft-{seed}"
+    return folders

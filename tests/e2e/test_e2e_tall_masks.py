@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import build_bert_family
 from merge_helpers import assert_mentions, invoke, load_and_generate, message_of, read_tensors, write_recipe
 from safetensors.torch import save_file
-from transformers import BertConfig, BertForSequenceClassification, BertModel
+from transformers import BertForSequenceClassification
 
 # The three task vectors of the hand-computed TALL masks: τ_MTL = Σ τ_t = [0.4, −0.4, −0.45, 0.2, 0.2, 0.07].
 TASK_VECTORS = [
@@ -25,8 +26,6 @@ MASKS = {
 BASE = [1.0, -1.0, 0.5, 2.0, 0.0, 3.0]
 # Sizes 1 and 5, so that neither mask fills a whole byte.
 TENSORS = {"a.weight": (0, 1), "b.weight": (1, 6)}
-TINY_BERT = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                 max_position_embeddings=32)
 
 
 def write_vector_checkpoint(folder: Path, values: list[float]) -> Path:
@@ -208,22 +207,7 @@ def test_vocab_align_rejected(tmp_path, llama_base, llama_fine_tunes):
 
 @pytest.fixture(scope="module")
 def bert_family(tmp_path_factory) -> dict[str, Path]:
-    """A bare BertModel base and two classification fine-tunes of it with different label counts."""
-    root = tmp_path_factory.mktemp("bert-tall-masks")
-    torch.manual_seed(0)
-    base = BertModel(BertConfig(**TINY_BERT)).eval()
-    base.save_pretrained(root / "base")
-    folders = {"base": root / "base"}
-    for seed, labels in ((1, 2), (2, 3)):
-        fine_tune = BertForSequenceClassification(BertConfig(**TINY_BERT, num_labels=labels))
-        fine_tune.bert.load_state_dict(base.state_dict())
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for parameter in fine_tune.parameters():
-                parameter.add_(0.01 * torch.randn(parameter.shape, generator=generator))
-        fine_tune.save_pretrained(root / f"ft-{seed}")
-        folders[f"ft-{seed}"] = root / f"ft-{seed}"
-    return folders
+    return build_bert_family(tmp_path_factory.mktemp("bert-tall-masks"))
 
 
 def test_bert_task_extracts_with_own_head(tmp_path, bert_family):

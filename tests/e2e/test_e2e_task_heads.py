@@ -6,31 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import TINY_BERT, build_bert_family
 from merge_helpers import invoke, message_of, read_tensors, write_recipe
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
-TINY_BERT = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                 max_position_embeddings=32)
 
 
 @pytest.fixture(scope="module")
 def bert_family(tmp_path_factory) -> dict[str, Path]:
-    """A bare BertModel base and two classification fine-tunes of it with different label counts."""
-    root = tmp_path_factory.mktemp("bert-family")
-    torch.manual_seed(0)
-    base = BertModel(BertConfig(**TINY_BERT)).eval()
-    base.save_pretrained(root / "base")
-    folders = {"base": root / "base"}
-    for seed, labels in ((1, 2), (2, 3)):
-        fine_tune = BertForSequenceClassification(BertConfig(**TINY_BERT, num_labels=labels))
-        fine_tune.bert.load_state_dict(base.state_dict())
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for parameter in fine_tune.parameters():
-                parameter.add_(0.01 * torch.randn(parameter.shape, generator=generator))
-        fine_tune.save_pretrained(root / f"ft-{seed}")
-        folders[f"ft-{seed}"] = root / f"ft-{seed}"
-    return folders
+    return build_bert_family(tmp_path_factory.mktemp("bert-family"))
 
 
 def test_task_heads_left_out(bert_family, tmp_path):
@@ -67,10 +51,8 @@ def test_plan_lists_task_heads(bert_family, tmp_path):
 
 def test_unrelated_prefix_still_rejected(bert_family, tmp_path):
     """A model whose extra tensors are not a task head around the base's names stays an error."""
-    from transformers import BertConfig as Config
-
     torch.manual_seed(3)
-    other = BertForSequenceClassification(Config(**{**TINY_BERT, "num_hidden_layers": 1}))
+    other = BertForSequenceClassification(BertConfig(**{**TINY_BERT, "num_hidden_layers": 1}))
     other.save_pretrained(tmp_path / "other")
     recipe = write_recipe(tmp_path, {
         "merge_method": "task_arithmetic", "base_model": bert_family["base"],
