@@ -39,6 +39,8 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RECIPE = BENCH_DIR / "ties.yml"
+# The same merge with the whole-model trim, which reads the inputs up to three times.
+MODEL_SCOPE_RECIPE = BENCH_DIR / "ties-model-scope.yml"
 SAMPLE_INTERVAL_S = 0.05
 
 # mergekit flags, chosen as a user who knows mergekit would run it on a CPU-only machine.
@@ -268,6 +270,12 @@ def format_table(summaries: dict[str, Summary]) -> str:
             f"| ours / mergekit | {ours.best_wall_s / mergekit.best_wall_s:.2f}x "
             f"| {ours.max_peak_rss_bytes / mergekit.max_peak_rss_bytes:.2f}x | | | |"
         )
+    model_scope = summaries.get("ours-model-scope")
+    if ours and model_scope:
+        lines.append(
+            f"| ours-model-scope / ours | {model_scope.best_wall_s / ours.best_wall_s:.2f}x "
+            f"| {model_scope.max_peak_rss_bytes / ours.max_peak_rss_bytes:.2f}x | | | |"
+        )
     return "\n".join(lines)
 
 
@@ -275,7 +283,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=BENCH_DIR / "work", help="work folder holding ckpt/")
     parser.add_argument("--repeats", type=int, default=2, help="measured runs per tool (default 2)")
-    parser.add_argument("--tools", default="mergekit,ours", help="comma-separated subset of mergekit,ours")
+    parser.add_argument("--tools", default="mergekit,ours,ours-model-scope",
+                        help="comma-separated subset of mergekit,ours,ours-model-scope")
     parser.add_argument("--max-foreign-cpu", type=float, default=0.1,
                         help="CPU seconds per wall second that other processes may use during a run (default 0.1)")
     parser.add_argument("--max-retries", type=int, default=3, help="reruns of a contended run (default 3)")
@@ -294,6 +303,8 @@ def main() -> int:
     commands = {
         "mergekit": [str(BENCH_DIR / ".venv-mergekit" / "bin" / "mergekit-yaml"), str(RECIPE), "out/mergekit", *MERGEKIT_FLAGS],
         "ours": [str(REPO_ROOT / ".venv" / "bin" / "merge"), "run", str(RECIPE), "--output", "out/ours", *OURS_FLAGS],
+        "ours-model-scope": [str(REPO_ROOT / ".venv" / "bin" / "merge"), "run", str(MODEL_SCOPE_RECIPE), "--output",
+                             "out/ours-model-scope", *OURS_FLAGS],
     }
     tools = [tool for tool in args.tools.split(",") if tool]
     unknown = sorted(set(tools) - set(commands))
