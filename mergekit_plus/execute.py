@@ -89,8 +89,10 @@ def run_plan(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", pr
         return run_moe(plan, recipe_data=recipe_data, device=device, progress=progress)
     target = select_device(device)
     started = time.perf_counter()
-    # Whole-model statistics come before the staging folder: they only read, so an interrupted or
-    # failed pass leaves nothing behind.
+    # A learning phase and whole-model statistics come before the staging folder: they only read, so an
+    # interrupted or failed pass leaves nothing behind.
+    if plan.learning is not None:
+        plan = plan.learning.run(plan, device=target, progress=progress)
     statistics = _gather_statistics(plan, target, progress=progress) if plan.statistics is not None else None
     with _writing(plan.output):
         staging = plan.staged.begin()
@@ -112,6 +114,10 @@ def run_plan(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", pr
         with _writing(plan.output):
             files = writer.finish()
             files += _write_side_files(plan, staging, recipe_data)
+            if plan.learned is not None:
+                from mergekit_plus.learn.adamerging import write_coefficients
+
+                files += write_coefficients(plan.learned, staging)
 
             # 3. Only now does anything appear under the output name.
             plan.staged.commit()

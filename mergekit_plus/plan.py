@@ -141,6 +141,11 @@ class Plan:
     statistics: StatisticsPlan | None = None
     adapter: ModelSource | None = None
     """For PEFT adapter inputs: the input whose adapter_config.json the output adapter copies."""
+    learning: Any = None
+    """For a method that learns its coefficients from the recipe's `data:` (AdaMerging): the phase that runs
+    before the merge and returns this plan with the coefficients filled in."""
+    learned: Any = None
+    """The coefficients that the learning phase set, written next to the merged weights."""
 
     @property
     def inputs(self) -> tuple[InputModel, ...]:
@@ -260,6 +265,15 @@ def build_plan(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
                 compute_dtype=compute_dtype, out_dtype=out_dtype, output=output_path, staged=staged,
                 config=config, peak_bytes_estimate=peak_bytes, statistics=statistics,
                 adapter=adapter)
+    plan_learning = getattr(method, "plan_learning", None)
+    if plan_learning is not None:
+        learning = plan_learning(recipe, plan)
+        if learning is not None:
+            # The learning phase holds the whole base and every task vector, far more than the streamed tensors.
+            plan = replace(plan, learning=learning,
+                           peak_bytes_estimate=max(peak_bytes, learning.memory_bytes))
+            logger.info("%s learns its coefficients before the merge, holding about %s of base and task vectors",
+                        method.name, format_size(learning.memory_bytes))
     logger.info("planned %d tensors (%d dropped) into %d file(s), %s; tensors in flight need about %s",
                 len(jobs), len(dropped), len(layout.shards), format_size(layout.total_size),
                 format_size(plan.peak_bytes_estimate))

@@ -9,6 +9,8 @@ from mergekit_plus.methods import pcb
 from mergekit_plus.methods import tall_masks
 from mergekit_plus.methods import mwa
 from mergekit_plus.methods import mc_smoe
+from mergekit_plus.methods import adamerging
+from mergekit_plus.methods import sub_moe
 from mergekit_plus.methods.base import MergeMethod, Param
 
 _ALL: tuple[MergeMethod, ...] = (
@@ -23,6 +25,8 @@ _ALL: tuple[MergeMethod, ...] = (
     tall_masks.METHOD,
     mwa.METHOD,
     mc_smoe.METHOD,
+    adamerging.METHOD,
+    sub_moe.METHOD,
 )
 
 METHODS: dict[str, MergeMethod] = {}

@@ -22,6 +22,7 @@ from mergekit_plus.errors import InputError
 logger = logging.getLogger(__name__)
 
 _ROUTER_MODULE = re.compile(r"layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate$")
+_EXPERTS_MODULE = re.compile(r"layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts$")
 _TEXT_FIELDS = ("text", "prompt", "input", "content")
 
 
@@ -34,6 +35,9 @@ class LayerRouting:
     logit_gram: torch.Tensor
     """LᵀL (E × E) of the router-logit matrix L, from which cosine similarities follow."""
     tokens: int
+    output_similarity: torch.Tensor | None = None
+    """Sim(i, j) (E × E): the mean over tokens of the cosine between expert i's and expert j's outputs,
+    every expert run on every token that reached the layer. Gathered only on request."""
 
 
 def read_calibration_texts(pattern: str, *, limit: int) -> list[str]:
@@ -82,8 +86,12 @@ def _read_texts(path: Path, *, limit: int) -> list[str]:
 
 
 def gather_routing(model_folder: Path, texts: list[str], *, top_k: int, max_tokens: int,
-                   device: torch.device) -> dict[int, LayerRouting]:
-    """Run the model over `texts`, one text at a time, and return each MoE layer's routing statistics."""
+                   device: torch.device, expert_outputs: bool = False) -> dict[int, LayerRouting]:
+    """Run the model over `texts`, one text at a time, and return each MoE layer's routing statistics.
+
+    With `expert_outputs`, every expert also runs on every token that reaches its layer, and each
+    layer's `output_similarity` is filled in.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
@@ -91,6 +99,7 @@ def gather_routing(model_folder: Path, texts: list[str], *, top_k: int, max_toke
     counts: dict[int, torch.Tensor] = {}
     grams: dict[int, torch.Tensor] = {}
     tokens: dict[int, int] = {}
+    cosine_sums: dict[int, torch.Tensor] = {}
 
     def record(layer: int):
         def hook(module, inputs, output):
@@ -107,6 +116,8 @@ def gather_routing(model_folder: Path, texts: list[str], *, top_k: int, max_toke
         match = _ROUTER_MODULE.search(name)
         if match:
             handles.append(module.register_forward_hook(record(int(match.group(1)))))
+    if expert_outputs:
+        handles += _hook_expert_outputs(model, cosine_sums, model_folder)
     if not handles:
         raise InputError(f"no router modules (`layers.N.block_sparse_moe.gate` or `layers.N.mlp.gate`) found in "
                          f"{model_folder}", hint="expert merging needs a Mixtral, Qwen2-MoE or OLMoE style model")
@@ -119,5 +130,36 @@ def gather_routing(model_folder: Path, texts: list[str], *, top_k: int, max_toke
         for handle in handles:
             handle.remove()
     # Softmax is monotonic, so top-k of the logits picks what top-k of the probabilities picks.
-    return {layer: LayerRouting(counts[layer].double() / counts[layer].sum(), grams[layer], tokens[layer])
+    return {layer: LayerRouting(counts[layer].double() / counts[layer].sum(), grams[layer], tokens[layer],
+                                (cosine_sums[layer] / tokens[layer]) if layer in cosine_sums else None)
             for layer in sorted(counts)}
+
+
+def _hook_expert_outputs(model, cosine_sums: dict[int, torch.Tensor], model_folder: Path) -> list:
+    """Hook each fused experts module to run all of its experts on its input and sum output cosines."""
+    from mergekit_plus.moe.subspace import output_cosine_sum
+
+    def record(layer: int):
+        def hook(module, args):
+            hidden = args[0].reshape(-1, args[0].shape[-1])
+            gate, up = torch.einsum("td,efd->etf", hidden, module.gate_up_proj).chunk(2, dim=-1)
+            outputs = torch.einsum("etf,edf->etd", module.act_fn(gate) * up, module.down_proj)
+            cosine_sums[layer] = cosine_sums.get(layer, 0) + output_cosine_sum(outputs).cpu()
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        match = _EXPERTS_MODULE.search(name)
+        if not match:
+            continue
+        if not all(hasattr(module, attribute) for attribute in ("gate_up_proj", "down_proj", "act_fn")):
+            raise InputError(f"{model_folder}: the experts module {name} has no fused gate_up_proj, down_proj "
+                             "and act_fn, so its experts' outputs cannot be computed",
+                             hint="load the model with transformers 5, which fuses the experts of Mixtral, "
+                                  "Qwen2-MoE and OLMoE")
+        handles.append(module.register_forward_pre_hook(record(int(match.group(1)))))
+    if not handles:
+        raise InputError(f"no experts modules (`layers.N.block_sparse_moe.experts` or `layers.N.mlp.experts`) "
+                         f"found in {model_folder}",
+                         hint="expert merging needs a Mixtral, Qwen2-MoE or OLMoE style model")
+    return handles

@@ -20,14 +20,17 @@ from mergekit_plus.io.writer import PlannedTensor, ShardWriter, plan_layout
 from mergekit_plus.moe.calibration import LayerRouting, gather_routing, read_calibration_texts
 from mergekit_plus.moe.grouping import (
     ExpertGroup,
+    align_to,
     group_by_similarity,
     groups_of_dominants_only,
     merge_group,
+    permute_expert,
     random_groups,
     router_logit_similarity,
     router_rows,
 )
 from mergekit_plus.moe.layout import EXPERT_COUNT_KEYS, ExpertLayer, find_expert_layers
+from mergekit_plus.moe.subspace import cluster_experts, subspace_merge
 from mergekit_plus.plan import Plan
 from mergekit_plus.sizes import format_size
 
@@ -62,13 +65,14 @@ def run_moe(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", pro
     texts = read_calibration_texts(params["calibration"], limit=params["calibration_samples"])
     logger.info("calibration: %d texts from %s", len(texts), params["calibration"])
     routing = gather_routing(plan.models[0].source.folder, texts, top_k=top_k, max_tokens=params["max_tokens"],
-                             device=target)
+                             device=target, expert_outputs=plan.method.name == "sub_moe")
     groups = {}
     for layer in layers:
         if layer.layer not in routing:
             raise InputError(f"the calibration pass never reached the router of {layer.block}",
                              hint="check that the model's modules match its stored tensor names")
-        groups[layer.layer] = _group_layer(layer, routing[layer.layer], count, params, seed=plan.recipe.seed)
+        groups[layer.layer] = _group_layer(plan.method.name, layer, routing[layer.layer], count, params,
+                                           seed=plan.recipe.seed)
         _log_layer(layer, routing[layer.layer], groups[layer.layer])
 
     # 3. The output layout: every planned tensor, with each MoE layer's experts and router resized.
@@ -99,7 +103,7 @@ def run_moe(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", pro
                 continue
             if layer.layer in done:
                 continue
-            for name, tensor in _merge_layer(reader, layer, groups[layer.layer], params,
+            for name, tensor in _merge_layer(plan.method.name, reader, layer, groups[layer.layer], params,
                                              plan.compute_dtype, target).items():
                 with _writing(plan.output):
                     writer.write(name, _checked(name, tensor).to(device="cpu", dtype=plan.out_dtype))
@@ -109,8 +113,8 @@ def run_moe(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", pro
         with _writing(plan.output):
             files = writer.finish()
             files += _write_side_files(replace(plan, config=new_config, layout=layout), staging, recipe_data)
-            (staging / GROUPS_FILE_NAME).write_text(
-                json.dumps(_groups_report(layers, routing, groups, params), indent=2) + "\n", encoding="utf-8")
+            report = _groups_report(plan.method.name, layers, routing, groups, params)
+            (staging / GROUPS_FILE_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             files.append(GROUPS_FILE_NAME)
             plan.staged.commit()
     except BaseException:
@@ -140,8 +144,9 @@ def _expert_layers(plan: Plan) -> list[ExpertLayer]:
         raise InputError(f"{plan.models[0].label}: {exc}", hint="merge a complete MoE checkpoint") from exc
     if not layers:
         raise InputError(f"{plan.models[0].label} has no MoE experts (`layers.N.block_sparse_moe.experts.*` or "
-                         "`layers.N.mlp.experts.*`)", hint="mc_smoe merges the experts of a Mixtral, Qwen2-MoE or "
-                                                          "OLMoE style checkpoint")
+                         "`layers.N.mlp.experts.*`)",
+                         hint=f"{plan.method.name} merges the experts of a Mixtral, Qwen2-MoE or OLMoE style "
+                              "checkpoint")
     return layers
 
 
@@ -152,8 +157,11 @@ def _check_target_count(layers: list[ExpertLayer], count: int) -> None:
                                f"{layer.block}; choose a value from 1 to {layer.num_experts}"])
 
 
-def _group_layer(layer: ExpertLayer, routing: LayerRouting, count: int, params: dict[str, Any], *,
+def _group_layer(method: str, layer: ExpertLayer, routing: LayerRouting, count: int, params: dict[str, Any], *,
                  seed: int) -> list[ExpertGroup]:
+    if method == "sub_moe":
+        return cluster_experts(routing.usage, routing.output_similarity, count, seed=seed + layer.layer,
+                               restarts=params["kmeans_restarts"])
     strategy = params["strategy"]
     if strategy == "drop_least_used":
         return groups_of_dominants_only(routing.usage, count)
@@ -214,15 +222,20 @@ def _read_experts(reader, layer: ExpertLayer, device: torch.device) -> tuple[lis
     return experts, _FUSED_INPUT_ROLES, "down"
 
 
-def _merge_layer(reader, layer: ExpertLayer, groups: list[ExpertGroup], params: dict[str, Any],
+def _merge_layer(method: str, reader, layer: ExpertLayer, groups: list[ExpertGroup], params: dict[str, Any],
                  compute_dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     """Return the merged experts and router of one layer under their output names."""
     experts, input_roles, output_role = _read_experts(reader, layer, device)
-    # The random baseline is plain averaging, so it skips the alignment as well.
-    align = params["align"] and params["strategy"] == "mc_smoe"
-    merged = [merge_group(experts, group, input_roles=input_roles, output_role=output_role, align=align,
-                          compute_dtype=compute_dtype) for group in groups]
-    rule = "weighted_mean" if params["strategy"] == "random_average" else params["router_row"]
+    if method == "sub_moe":
+        merged = [_subspace_merge_group(experts, group, params, input_roles=input_roles, output_role=output_role,
+                                        compute_dtype=compute_dtype) for group in groups]
+        rule = params["router_row"]
+    else:
+        # The random baseline is plain averaging, so it skips the alignment as well.
+        align = params["align"] and params["strategy"] == "mc_smoe"
+        merged = [merge_group(experts, group, input_roles=input_roles, output_role=output_role, align=align,
+                              compute_dtype=compute_dtype) for group in groups]
+        rule = "weighted_mean" if params["strategy"] == "random_average" else params["router_row"]
 
     outputs: dict[str, torch.Tensor] = {}
     if layer.fused:
@@ -238,6 +251,30 @@ def _merge_layer(reader, layer: ExpertLayer, groups: list[ExpertGroup], params: 
     return outputs
 
 
+def _subspace_merge_group(experts: list[dict[str, torch.Tensor]], group: ExpertGroup, params: dict[str, Any], *,
+                          input_roles: tuple[str, ...], output_role: str,
+                          compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Merge one cluster per weight type in its joint subspace, after optional neuron alignment."""
+    members = [experts[member] for member in group.members]
+    if params["align"] and len(members) > 1:
+        dominant = {role: tensor.to(compute_dtype) for role, tensor in members[0].items()}
+        aligned = [dominant]
+        for expert in members[1:]:
+            expert = {role: tensor.to(compute_dtype) for role, tensor in expert.items()}
+            permutation = align_to(dominant, expert, input_roles=input_roles, output_role=output_role)
+            aligned.append(permute_expert(expert, permutation, input_roles=input_roles, output_role=output_role))
+        members = aligned
+    return {role: subspace_merge([expert[role] for expert in members], group.weights, rank=params["rank"],
+                                 compute_dtype=compute_dtype)
+            for role in (*input_roles, output_role)}
+
+
+def _similarity_report(routing: LayerRouting) -> dict[str, Any]:
+    if routing.output_similarity is None:
+        return {}
+    return {"output_similarity": [[round(value, 4) for value in row] for row in routing.output_similarity.tolist()]}
+
+
 def _checked(name: str, tensor: torch.Tensor) -> torch.Tensor:
     if tensor.numel() and not bool(torch.isfinite(tensor).all()):
         raise MergeValueError(f"tensor {name}: the merged values contain NaN or infinity",
@@ -245,19 +282,22 @@ def _checked(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _groups_report(layers: list[ExpertLayer], routing: dict[int, LayerRouting],
+def _groups_report(method: str, layers: list[ExpertLayer], routing: dict[int, LayerRouting],
                    groups: dict[int, list[ExpertGroup]], params: dict[str, Any]) -> dict[str, Any]:
     """Describe the merge per layer: each expert's usage, and each new expert's members and weights."""
+    settings = ({"rank": params["rank"], "align": params["align"], "router_row": params["router_row"]}
+                if method == "sub_moe"
+                else {"strategy": params["strategy"], "router_row": params["router_row"]})
     return {
-        "method": "mc_smoe",
-        "strategy": params["strategy"],
-        "router_row": params["router_row"],
+        "method": method,
+        **settings,
         "layers": [
             {
                 "layer": layer.layer,
                 "block": layer.block,
                 "calibration_tokens": routing[layer.layer].tokens,
                 "usage": [round(value, 6) for value in routing[layer.layer].usage.tolist()],
+                **_similarity_report(routing[layer.layer]),
                 "experts": [{"members": list(group.members), "weights": [round(w, 6) for w in group.weights]}
                             for group in groups[layer.layer]],
             }

@@ -57,6 +57,8 @@ class ModelSpec(_Strict):
 
     model: str
     revision: str | None = None
+    task: str | None = None
+    """The task whose `data:` entry belongs to this model; default: the folder name less `ft-`."""
     parameters: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("parameters", mode="before")
@@ -96,6 +98,15 @@ class TokenizerSpec(_Strict):
     vocab: Literal["strict", "align"] = "strict"
 
 
+class DataSpec(_Strict):
+    """One task's data for methods that learn: prompts (unlabelled) or prompt/answer pairs (labelled)."""
+
+    path: str
+    samples: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    max_length: int = Field(default=64, gt=0)
+
+
 class Recipe(_Strict):
     """A validated recipe. Field names follow mergekit where the meaning is the same."""
 
@@ -109,6 +120,7 @@ class Recipe(_Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     tokenizer: TokenizerSpec | None = None
     tokenizer_source: str | None = None
+    data: dict[str, DataSpec] | None = None
 
     @field_validator("base_model", mode="before")
     @classmethod
@@ -151,6 +163,7 @@ TOP_LEVEL_KEYS = tuple(Recipe.model_fields)
 MODEL_KEYS = tuple(ModelSpec.model_fields)
 OUTPUT_KEYS = tuple(OutputSpec.model_fields)
 TOKENIZER_KEYS = tuple(TokenizerSpec.model_fields)
+DATA_KEYS = tuple(DataSpec.model_fields)
 
 # mergekit keys we do not support, with the reason, so the error explains more than "unknown key".
 UNSUPPORTED_MERGEKIT_KEYS = {

@@ -13,7 +13,9 @@ from pydantic import ValidationError
 from mergekit_plus.errors import RecipeError
 from mergekit_plus.methods import get_method, list_methods
 from mergekit_plus.methods.base import MergeMethod, Param
+from mergekit_plus.learn.data import check_data_source, task_of_model
 from mergekit_plus.recipe.schema import (
+    DATA_KEYS,
     MODEL_KEYS,
     OUTPUT_KEYS,
     TOKENIZER_KEYS,
@@ -52,6 +54,7 @@ def parse_recipe(located: LocatedYaml) -> Recipe:
         problems.extend(_describe_schema_error(error, located) for error in exc.errors())
     problems.extend(_check_method_parameters(data, located))
     problems.extend(_check_references(data, located))
+    problems.extend(_check_data(data, located))
 
     if problems or recipe is None:
         raise RecipeError(sorted(_unique(problems), key=_line_number), source=located.source)
@@ -85,6 +88,8 @@ def _keys_at(path: YamlPath) -> tuple[str, ...]:
         return OUTPUT_KEYS
     if path == ("tokenizer",):
         return TOKENIZER_KEYS
+    if path[:1] == ("data",) and len(path) == 2:
+        return DATA_KEYS
     return ()
 
 
@@ -259,3 +264,45 @@ def _check_references(data: dict[str, Any], located: LocatedYaml) -> list[str]:
     suggestion = did_you_mean(source, names)
     hint = f"did you mean `{suggestion}`?" if suggestion else "use `base` or a `model:` value from `models`"
     return [f"{located.where(path)}: tokenizer source `{source}` is not an input of this recipe; {hint}"]
+
+
+def _check_data(data: dict[str, Any], located: LocatedYaml) -> list[str]:
+    """Check the `data:` section against the method and the models' tasks, and its files, before any model loads."""
+    section = data.get("data")
+    method = get_method(data["merge_method"]) if isinstance(data.get("merge_method"), str) else None
+    if method is None:
+        return []
+    models = data.get("models") if isinstance(data.get("models"), list) else []
+    if not getattr(method, "uses_data", False):
+        problems = [f"{located.where(('models', index, 'task'))}: method `{method.name}` learns nothing from data, "
+                    "so `task:` would have no effect; remove it"
+                    for index, entry in enumerate(models) if isinstance(entry, dict) and "task" in entry]
+        if section is not None:
+            problems.append(f"{located.where(('data',))}: method `{method.name}` learns nothing from data, so "
+                            "`data:` would have no effect; remove it")
+        return problems
+    if section is None:
+        return []
+    if not isinstance(section, dict):
+        return []  # the schema check reports the wrong type
+
+    where = located.where(("data",))
+    problems: list[str] = []
+    tasks = [task_of_model(entry["model"], entry.get("task") if isinstance(entry.get("task"), str) else None)
+             for entry in models if isinstance(entry, dict) and isinstance(entry.get("model"), str)]
+    for task, entry in section.items():
+        entry_where = located.where(("data", task))
+        if str(task) not in tasks:
+            suggestion = did_you_mean(str(task), tasks)
+            hint = f"did you mean `{suggestion}`?" if suggestion else f"the models' tasks are: {', '.join(tasks)}"
+            problems.append(f"{entry_where}: no model has task `{task}` (a folder `ft-{task}` or `task: {task}`); "
+                            f"{hint}")
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            problem = check_data_source(entry["path"])
+            if problem is not None:
+                problems.append(f"{located.where(('data', task, 'path'))}: {problem}")
+    for task in tasks:
+        if task not in section:
+            problems.append(f"{where}: no entry for task `{task}`; add `{task}: {{path: FILE}}` or set the "
+                            "model's `task:` to a task listed here")
+    return problems
