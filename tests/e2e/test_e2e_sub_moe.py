@@ -9,27 +9,8 @@ import pytest
 import torch
 from merge_helpers import invoke, message_of, write_recipe
 from safetensors import safe_open
-from test_e2e_moe import logits_of, save_with_tokenizer, tiny_mixtral
-
-CALIBRATION = ["the cat sat.", "a dog ran far.", "birds fly high.", "fish swim deep.", "so it goes."]
-
-
-@pytest.fixture(scope="module")
-def calibration_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("calibration") / "texts.jsonl"
-    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in CALIBRATION))
-    return path
-
-
-@pytest.fixture(scope="module")
-def identical_mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_with_tokenizer(tiny_mixtral(identical=True), tmp_path_factory.mktemp("mixtral") / "identical")
-
-
-@pytest.fixture(scope="module")
-def random_mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_with_tokenizer(tiny_mixtral(identical=False), tmp_path_factory.mktemp("mixtral") / "random")
-
+# The fixtures come from the MC-SMoE tests, so both methods merge the same tiny checkpoints.
+from test_e2e_moe import calibration_file, identical_mixtral, logits_of, random_mixtral, save_with_tokenizer  # noqa: F401
 
 def run_sub_moe(tmp_path: Path, model: Path, calibration: Path, *, expected_exit: int = 0, **parameters):
     recipe = write_recipe(tmp_path, {
