@@ -69,17 +69,34 @@ def _check_mc_smoe_model(targets: Sequence[MergeTarget]) -> list[str]:
     if len(targets[0].model_params) != 1:
         problems.append(f"mc_smoe merges the experts of one model, but the recipe lists {len(targets[0].model_params)}; "
                         "list only the MoE checkpoint under `models:`")
+    problems += moe_target_problems("mc_smoe", targets)
+    return problems
+
+
+def moe_target_problems(method: str, targets: Sequence[MergeTarget]) -> list[str]:
+    """Return the problems of an expert merge that show before any model is loaded: no experts, a
+    target count above the experts, a missing calibration file. Both MoE methods use it."""
+    from mergekit_plus.moe.calibration import calibration_problems
+
     experts: dict[str, set[int]] = defaultdict(set)
     for target in targets:
         match = _EXPERT_NAME.match(target.name)
         if match:
             experts[match["block"]].add(int(match["expert"]))
+    if not experts:
+        return [f"the model has no MoE experts (no tensor named like `layers.N.block_sparse_moe.experts.E.*` or "
+                f"`layers.N.mlp.experts.E.*`), so {method} has nothing to merge; pass a Mixtral- or Qwen2-MoE-style "
+                "checkpoint"]
+    problems = []
     target_count = targets[0].params["num_experts"]
     for block, indices in sorted(experts.items()):
         if isinstance(target_count, int) and target_count > len(indices):
             problems.append(f"`num_experts: {target_count}` is above the {len(indices)} experts of {block}; "
                             f"choose a value from 1 to {len(indices)}")
             break
+    calibration = targets[0].params.get("calibration")
+    if isinstance(calibration, str):
+        problems += calibration_problems(calibration)
     return problems
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mergekit_plus.methods.base import REQUIRED, MergeTarget, Param
-from mergekit_plus.methods.mc_smoe import ROUTER_ROWS, MoeMergeMethod
+from mergekit_plus.methods.mc_smoe import ROUTER_ROWS, MoeMergeMethod, moe_target_problems
 
 PARAMS = (
     Param("num_experts", int, REQUIRED, "Experts per MoE layer after merging (K clusters); at most the current "
@@ -68,6 +68,7 @@ def _check_sub_moe_model(targets: Sequence[MergeTarget]) -> list[str]:
     if len(targets[0].model_params) != 1:
         problems.append(f"sub_moe merges the experts of one model, but the recipe lists "
                         f"{len(targets[0].model_params)}; list only the MoE checkpoint under `models:`")
+    problems += moe_target_problems("sub_moe", targets)
     return problems
 
 

@@ -40,6 +40,16 @@ class LayerRouting:
     every expert run on every token that reached the layer. Gathered only on request."""
 
 
+def calibration_problems(pattern: str) -> list[str]:
+    """Return why `pattern` names no readable calibration file, for checks before any model is loaded."""
+    paths = sorted(Path(match) for match in glob.glob(pattern)) if glob.has_magic(pattern) else [Path(pattern)]
+    if not paths:
+        return [f"no calibration file matches `{pattern}`; set `calibration:` to a .jsonl or .txt file or a glob "
+                "pattern that matches some"]
+    return [f"calibration file {path} not found; set `calibration:` to a .jsonl or .txt file, such as "
+            "build/zoo/test/lm/data/vowels/calibration.jsonl" for path in paths if not path.is_file()]
+
+
 def read_calibration_texts(pattern: str, *, limit: int) -> list[str]:
     """Read up to `limit` texts from each file that `pattern` (a path or a glob pattern) matches, in name order.
 
@@ -93,7 +103,10 @@ def gather_routing(model_folder: Path, texts: list[str], *, top_k: int, max_toke
     layer's `output_similarity` is filled in.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    # The run's own log covers loading; transformers' progress bar would ignore --quiet.
+    transformers_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).to(device).eval()
     counts: dict[int, torch.Tensor] = {}

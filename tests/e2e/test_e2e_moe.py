@@ -127,9 +127,23 @@ def test_target_above_expert_count(tmp_path, random_mixtral, calibration_file):
 
 
 def test_missing_calibration_file(tmp_path, random_mixtral):
-    result, out = run_mc_smoe(tmp_path, random_mixtral, tmp_path / "absent.jsonl", num_experts=4, expected_exit=2)
+    result, out = run_mc_smoe(tmp_path, random_mixtral, tmp_path / "absent.jsonl", num_experts=4, expected_exit=1)
     assert "calibration file" in message_of(result)
     assert not out.exists()
+
+
+def test_validate_finds_moe_problems(tmp_path, random_mixtral, llama_base, calibration_file):
+    """`merge validate` reports what `merge run` would fail on, before any model is loaded."""
+    missing = write_recipe(tmp_path, {
+        "merge_method": "mc_smoe", "models": [{"model": random_mixtral}],
+        "parameters": {"num_experts": 4, "calibration": tmp_path / "absent.jsonl"}, "output": {"path": tmp_path / "a"}},
+        name="missing.yaml")
+    assert "calibration file" in message_of(invoke(["validate", missing], expected_exit=1))
+    dense = write_recipe(tmp_path, {
+        "merge_method": "mc_smoe", "models": [{"model": llama_base}],
+        "parameters": {"num_experts": 4, "calibration": calibration_file}, "output": {"path": tmp_path / "b"}},
+        name="dense.yaml")
+    assert "has no MoE experts" in message_of(invoke(["validate", dense], expected_exit=1))
 
 
 def test_qwen2_moe_keeps_shared_expert(tmp_path, calibration_file):
