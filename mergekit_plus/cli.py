@@ -222,7 +222,8 @@ def validate(
         typer.echo(json.dumps({"valid": True, "exit_code": 0, "tensors": len(built.jobs),
                                "inputs": [i.source.label for i in built.inputs], "notes": notes}, indent=2))
     else:
-        typer.echo(f"{recipe}: valid ({len(built.jobs)} tensors from {len(built.inputs)} inputs)")
+        inputs = len(built.inputs)
+        typer.echo(f"{recipe}: valid ({len(built.jobs)} tensors from {inputs} input{'s' if inputs != 1 else ''})")
         for note in notes:
             typer.echo(f"note: {note}")
 
