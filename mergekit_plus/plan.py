@@ -269,7 +269,8 @@ def build_plan(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
     if plan_learning is not None:
         learning = plan_learning(recipe, plan)
         if learning is not None:
-            # The learning phase holds the whole base and every task vector, far more than the streamed tensors.
+            # The learning phase keeps the whole base and every task vector in memory, far more than
+            # the streamed tensors.
             plan = replace(plan, learning=learning,
                            peak_bytes_estimate=max(peak_bytes, learning.memory_bytes))
             logger.info("%s learns its coefficients before the merge, holding about %s of base and task vectors",

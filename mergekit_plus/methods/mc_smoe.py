@@ -7,7 +7,7 @@ This method does not map each input tensor to one output tensor, so it has no te
 The executor hands the plan to `mergekit_plus.moe.execute.run_moe`. That function runs the
 calibration forward pass, then reads, merges and writes one MoE layer at a time. Not covered: the paper's
 low-rank + sparse compression stage and its distillation, and adaptive (global) group counts,
-because a transformers config holds one expert count for every layer.
+because a transformers config has one expert count for every layer.
 """
 
 from __future__ import annotations
@@ -48,12 +48,16 @@ PARAMS = (
 _EXPERT_NAME = re.compile(r"^(?P<block>.*layers\.\d+\.(?:block_sparse_moe|mlp))\.experts\.(?P<expert>\d+)\.")
 
 
-def _reject_tensor_call(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *,
-                        params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]],
-                        seeds: Sequence[int], compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Reject a call as an ordinary merge operator: `mc_smoe` writes whole MoE layers at once."""
-    raise NotImplementedError("mc_smoe has no per-tensor operator: the executor merges each MoE layer's experts "
-                              "with mergekit_plus.moe.execute.run_moe")
+def reject_tensor_call(method: str):
+    """Return an operator that rejects a call as an ordinary merge: the MoE methods write whole layers at once."""
+
+    def operator(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *,
+                 params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]],
+                 seeds: Sequence[int], compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError(f"{method} has no per-tensor operator: the executor merges each MoE layer's "
+                                  "experts with mergekit_plus.moe.execute.run_moe")
+
+    return operator
 
 
 def _check_mc_smoe_model(targets: Sequence[MergeTarget]) -> list[str]:
@@ -115,7 +119,7 @@ METHOD = MoeMergeMethod(
     summary="Merges each MoE layer's experts into fewer ones: groups around the most used experts by "
             "router-logit similarity, aligns neurons, averages by usage and keeps one router row per group.",
     requires_base=False,
-    operator=_reject_tensor_call,
+    operator=reject_tensor_call("mc_smoe"),
     params=PARAMS,
     check_model=_check_mc_smoe_model,
 )

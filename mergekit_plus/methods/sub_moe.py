@@ -14,13 +14,10 @@ checked, so the new router rows follow the zhy617/SMoE re-implementation (freque
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
-import torch
+from collections.abc import Sequence
 
 from mergekit_plus.methods.base import REQUIRED, MergeTarget, Param
-from mergekit_plus.methods.mc_smoe import ROUTER_ROWS, MoeMergeMethod, moe_target_problems
+from mergekit_plus.methods.mc_smoe import ROUTER_ROWS, MoeMergeMethod, moe_target_problems, reject_tensor_call
 
 PARAMS = (
     Param("num_experts", int, REQUIRED, "Experts per MoE layer after merging (K clusters); at most the current "
@@ -45,14 +42,6 @@ PARAMS = (
           "k-means runs from different k-means++ seeds per layer; the one with the least within-cluster "
           "sum of squares is kept. Seeded by the recipe's `seed` and the layer index.", minimum=1),
 )
-
-
-def _reject_tensor_call(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *,
-                        params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]],
-                        seeds: Sequence[int], compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Reject a call as an ordinary merge operator: `sub_moe` writes whole MoE layers at once."""
-    raise NotImplementedError("sub_moe has no per-tensor operator: the executor merges each MoE layer's experts "
-                              "with mergekit_plus.moe.execute.run_moe")
 
 
 def _check_sub_moe_model(targets: Sequence[MergeTarget]) -> list[str]:
@@ -80,7 +69,7 @@ METHOD = MoeMergeMethod(
     summary="Merges each MoE layer's experts into fewer ones: k-means on the similarity of expert outputs, "
             "then a joint SVD per cluster with a shared U and frequency-weighted V blocks, at a chosen rank.",
     requires_base=False,
-    operator=_reject_tensor_call,
+    operator=reject_tensor_call("sub_moe"),
     params=PARAMS,
     check_model=_check_sub_moe_model,
 )

@@ -283,7 +283,7 @@ def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class BundleEntry:
-    """What the bundle stores for one merged tensor: τ_MTL and each task's packed mask."""
+    """Bundle contents for one merged tensor: τ_MTL and each task's packed mask."""
 
     multi_task: torch.Tensor
     """τ_MTL in the compute dtype, shaped like the input tensor."""

@@ -1,6 +1,6 @@
 """Build the zoo at a named size, cached on disk by a hash of its settings.
 
-A zoo folder holds `zoo.json` (the manifest: settings, their hash, each family's checkpoints, data
+A zoo folder contains `zoo.json` (the manifest: settings, their hash, each family's checkpoints, data
 and accuracies) and one folder per family. A build writes into a staging folder beside the target
 and renames it into place, so an interrupted build leaves no half-written zoo behind.
 """
@@ -189,7 +189,7 @@ def _build_lm(staging: Path, settings: ZooSettings, log: Callable[[str], None]) 
 
 
 def load_manifest(zoo: Path) -> dict:
-    """Read a zoo's manifest, with an error that says how to build the zoo when there is none."""
+    """Read a zoo's manifest. Raise InputError, with the command that builds one, when there is none."""
     path = Path(zoo) / MANIFEST
     if not path.is_file():
         if (Path(zoo).parent / MANIFEST).is_file():

@@ -365,9 +365,11 @@ def _build_lora_run(base: torch.nn.Module, folder: Path, settings: LMSettings, h
 
 
 def _normalise_adapter_config(folder: Path) -> None:
-    """Point the adapter at the zoo's base by a relative path and sort its module list, so that builds
-    in different folders and processes write identical files (peft keeps the modules in a set, whose
-    order follows Python's per-process string hashing)."""
+    """Point the adapter at the zoo's base by a relative path and sort its module list.
+
+    Both keep builds in different folders and processes byte-identical. peft keeps the modules in a
+    set, whose order follows Python's per-process string hashing.
+    """
     path = folder / "adapter_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = "../../base"

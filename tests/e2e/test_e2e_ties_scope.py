@@ -238,7 +238,7 @@ def test_scope_varying_by_tensor_rejected(tmp_path, llama_base, llama_fine_tunes
 
 
 def test_ties_without_scope_explains(tmp_path, llama_base, llama_fine_tunes):
-    """A mergekit TIES recipe has no `scope`; the run says that the trim differs from mergekit's."""
+    """A mergekit TIES recipe has no `scope`; the run states that the trim differs from mergekit's."""
     recipe = write_recipe(tmp_path, {
         "merge_method": "ties", "base_model": llama_base,
         "models": [{"model": path, "parameters": {"density": 0.5}} for path in llama_fine_tunes],
