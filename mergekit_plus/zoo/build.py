@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mergekit_plus.errors import InputError, OutputError
+from mergekit_plus.io.writer import StagedOutput
 from mergekit_plus.zoo.lm import LMSettings
 
 logger = logging.getLogger(__name__)
@@ -121,12 +120,11 @@ def build_zoo(settings: ZooSettings, out: Path | None = None, *, force: bool = F
         raise OutputError(f"{out} exists and is not a zoo folder (no {MANIFEST})",
                           hint="choose another --out or remove that folder")
 
-    # 2. Build into a staging folder beside the target, removing those of builds that were killed.
-    _remove_abandoned_staging(out)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    # 2. Build into a staging folder beside the target. The merge's staged output also removes the
+    #    staging folders that killed builds left.
+    staged = StagedOutput(out, overwrite=True)
+    staged.check()
+    staging = staged.begin()
     started = time.perf_counter()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
@@ -144,42 +142,15 @@ def build_zoo(settings: ZooSettings, out: Path | None = None, *, force: bool = F
                     "settings": settings.to_dict(), "families": families}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        staged.abort()
         raise
     finally:
         torch.set_num_threads(previous_threads)
 
     # 3. Swap the new zoo into place.
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out)
+    staged.commit()
     log(f"built the {settings.size} zoo at {out} in {time.perf_counter() - started:.0f} s (settings {digest})")
     return out, manifest, True
-
-
-def _remove_abandoned_staging(out: Path) -> None:
-    """Delete staging folders of earlier builds of `out` whose process no longer runs."""
-    if not out.parent.is_dir():
-        return
-    for folder in out.parent.glob(f".{out.name}.partial-*"):
-        pid = folder.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _process_exists(int(pid)):
-            logger.info("removing %s, left by a build that was killed", folder)
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _build_lm(staging: Path, settings: ZooSettings, log: Callable[[str], None]) -> dict:
