@@ -48,6 +48,7 @@ class LMSettings:
     batch_size: int
     eval_examples: int
     calibration_examples: int
+    train_examples: int
     lora_task: str
     lora_rank: int
     lora_steps: int
@@ -75,6 +76,15 @@ def held_out_splits(settings: LMSettings) -> dict[str, dict[str, list[Example]]]
                                    exclude={prompt for prompt, _ in evaluation})
         splits[name] = {"eval": evaluation, "calibration": calibration}
     return splits
+
+
+def train_split(settings: LMSettings, name: str, held_out: set[str]) -> list[Example]:
+    """Draw labelled examples of one task from its training distribution, for methods that learn from labels.
+
+    The fine-tunes may have trained on these prompts, as on a task's train split. They stay out of
+    `held_out`, so that adding this split leaves every model of the zoo as it was.
+    """
+    return sample_split(TASKS[name], settings.train_examples, seed=settings.seed + 3, exclude=held_out)
 
 
 class TrainingStream:
@@ -254,6 +264,8 @@ def build_lm_family(folder: Path, settings: LMSettings, log: Log) -> dict:
         _write_jsonl(folder / "data" / name / "eval.jsonl",
                      [{"prompt": p, "answer": a} for p, a in split["eval"]])
         _write_jsonl(folder / "data" / name / "calibration.jsonl", [{"prompt": p} for p, _ in split["calibration"]])
+        _write_jsonl(folder / "data" / name / "train.jsonl",
+                     [{"prompt": p, "answer": a} for p, a in train_split(settings, name, held_out)])
 
     def scores(model: torch.nn.Module, names: Sequence[str]) -> dict[str, float]:
         return {name: accuracy(model, evaluation[name]) for name in names}
@@ -311,6 +323,7 @@ def build_lm_family(folder: Path, settings: LMSettings, log: Log) -> dict:
         "moe": f"{relative}/moe",
         "eval_data": {name: f"{relative}/data/{name}/eval.jsonl" for name in settings.tasks},
         "calibration_data": {name: f"{relative}/data/{name}/calibration.jsonl" for name in settings.tasks},
+        "train_data": {name: f"{relative}/data/{name}/train.jsonl" for name in settings.tasks},
         "accuracy": {
             "base": base_scores,
             "fine_tunes": {name: fine_tune_scores[name][name] for name in settings.tasks},

@@ -17,7 +17,7 @@ from mergekit_plus.zoo.build import LM_SIZES, ZooSettings, build_zoo, settings_f
 MICRO = dataclasses.replace(
     settings_for("test").lm, tasks=("last_two", "sort"), hidden_size=32, layers=1, intermediate_size=64,
     base_steps=4, fine_tune_steps=3, lora_steps=4, lora_save_every=2, moe_steps=3, batch_size=8,
-    eval_examples=16, calibration_examples=8,
+    eval_examples=16, calibration_examples=8, train_examples=8,
 )
 
 
