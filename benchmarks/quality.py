@@ -3,8 +3,9 @@
 Steps:
 
 1. Build the zoo with `merge zoo build`, which reuses the folder when its settings hash is unchanged.
-2. For each recipe `configs/zoo/<family>-<method>.yaml` whose family the zoo has, run
-   `merge run RECIPE --force -q`, then `merge eval OUTPUT --zoo DIR --json`.
+2. For each recipe `configs/zoo/<family>-<method>[+<variant>].yaml` whose family the zoo has, run
+   `merge run RECIPE --force -q`, then `merge eval OUTPUT --zoo DIR --json`. A variant, such as
+   `lm-adamerging+task.yaml`, is a second recipe of the same method with other parameters.
 3. Score the base and every fine-tune of each family on all of the family's tasks.
 4. Write a Markdown section between the markers in the docs page, a bar chart of the average
    normalised accuracy (PNG) and a JSON file with every number.
@@ -12,7 +13,8 @@ Steps:
 The recipes name the bench zoo at build/zoo/bench. For any other zoo (`--size test`, or a `--zoo`
 elsewhere) each recipe is rewritten. The method and its parameters stay, while `base_model` and
 `models` come from the zoo's manifest. The output then goes to a temporary folder that is deleted
-at the end.
+at the end. A `data:` entry keeps its kind of file (`calibration.jsonl`, `train.jsonl`, ...) and moves
+to that zoo's file of the same task.
 
 Usage: python benchmarks/quality.py [--size bench|test] [--zoo DIR] [--docs FILE] [--png FILE] [--json FILE]
 """
@@ -61,26 +63,33 @@ class BenchmarkError(Exception):
 
 @dataclass(frozen=True)
 class RecipeFile:
-    """One recipe of RECIPE_DIR, named `<family>-<method>.yaml`, with its parsed YAML."""
+    """One recipe of RECIPE_DIR, named `<family>-<method>[+<variant>].yaml`, with its parsed YAML."""
 
     family: str
     method: str
     path: Path
     data: dict[str, Any]
+    variant: str = ""
+
+    @property
+    def label(self) -> str:
+        """The row's name in the tables: the method, and the variant after a `+` when there is one."""
+        return f"{self.method}+{self.variant}" if self.variant else self.method
 
 
 def read_recipes(folder: Path) -> list[RecipeFile]:
-    """Read every `<family>-<method>.yaml` in `folder`. Raise BenchmarkError for a name that does not fit."""
+    """Read every `<family>-<method>[+<variant>].yaml` in `folder`. Raise BenchmarkError for a name that does not fit."""
     recipes = []
     for path in sorted(folder.glob("*.yaml")):
-        family, dash, method = path.stem.partition("-")
+        family, dash, label = path.stem.partition("-")
+        method, _, variant = label.partition("+")
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
         if not dash or not isinstance(data, dict):
             raise BenchmarkError(f"{path} is not a recipe named <family>-<method>.yaml; rename or remove it")
         if data.get("merge_method") != method:
             raise BenchmarkError(f"{path} has merge_method {data.get('merge_method')!r}, but the file name gives "
                                  f"{method!r}; make the file name and merge_method agree")
-        recipes.append(RecipeFile(family=family, method=method, path=path, data=data))
+        recipes.append(RecipeFile(family=family, method=method, path=path, data=data, variant=variant))
     return recipes
 
 
@@ -122,6 +131,25 @@ def check_recipe_matches_zoo(recipe: RecipeFile, zoo: Path, family: dict[str, An
     if base is not None and str(Path(base)) != str(zoo / family["base"]):
         raise BenchmarkError(f"{source} has base_model {base}, but the zoo's base is {zoo / family['base']}; "
                              "update base_model")
+    data = recipe.data.get("data") or {}
+    for task, entry in data.items():
+        expected_path = str(zoo / _zoo_data_file(family, task, Path(entry["path"]).name, source))
+        if str(Path(entry["path"])) != expected_path:
+            raise BenchmarkError(f"{source}: data for {task!r} is {entry['path']}, but the zoo's file is "
+                                 f"{expected_path}; update the `data:` entry")
+
+
+def _zoo_data_file(family: dict[str, Any], task: str, file_name: str, source: str) -> str:
+    """Return the path, relative to the zoo, of `task`'s data file named `file_name` (such as train.jsonl)."""
+    kind = Path(file_name).stem
+    files = family.get(f"{kind}_data")
+    if not isinstance(files, dict):
+        raise BenchmarkError(f"{source}: the zoo has no {file_name} files (its manifest has no `{kind}_data`); "
+                             "use calibration.jsonl, train.jsonl or eval.jsonl")
+    if task not in files:
+        raise BenchmarkError(f"{source}: the zoo has no task {task!r} for the `data:` entry; its tasks: "
+                             f"{', '.join(files)}")
+    return files[task]
 
 
 def rewrite_recipe(recipe: dict[str, Any], *, zoo: Path, family: dict[str, Any], output: Path,
@@ -170,6 +198,18 @@ def rewrite_recipe(recipe: dict[str, Any], *, zoo: Path, family: dict[str, Any],
     elif recipe.get("base_model") is not None:
         rewritten["base_model"] = str(zoo / family["base"])
     rewritten["output"] = {**(recipe.get("output") or {}), "path": str(output)}
+
+    # 4. Data files: one entry per task of the zoo, each the zoo's file of the kind the recipe names.
+    data = recipe.get("data")
+    if data:
+        kinds = {Path(entry["path"]).name for entry in data.values()}
+        settings = [{key: value for key, value in entry.items() if key != "path"} for entry in data.values()]
+        if len(kinds) != 1 or any(other != settings[0] for other in settings):
+            raise BenchmarkError(f"{source}: the `data:` entries differ in file kind or settings, so none of them "
+                                 "applies to the zoo's other tasks; give every task the same kind of file")
+        file_name = kinds.pop()
+        rewritten["data"] = {task: {"path": str(zoo / _zoo_data_file(family, task, file_name, source)), **settings[0]}
+                             for task in family["fine_tunes"]}
     return rewritten
 
 
@@ -180,6 +220,10 @@ def describe_parameters(recipe: dict[str, Any]) -> str:
                  for entry in recipe.get("models") or [] if isinstance(entry, dict) and entry.get("parameters")}
     if per_model:
         parts.append("per-model parameters: " + "; ".join(sorted(per_model)))
+    data = recipe.get("data") or {}
+    if data:
+        files = sorted({Path(entry["path"]).name for entry in data.values() if isinstance(entry, dict)})
+        parts.append(f"data: each task's {', '.join(files)}")
     return ", ".join(parts) if parts else "defaults"
 
 
@@ -297,7 +341,7 @@ def render_section(run: RunInfo, families: list[FamilyResult], chart: str | None
         lines += ["", f"### {family.name} family: {len(family.tasks)} tasks, {examples}", "",
                   render_table(family.tasks, family.rows)]
         if family.parameters:
-            lines += ["", "Method parameters (`configs/zoo/" + family.name + "-<method>.yaml`):", ""]
+            lines += ["", "Method parameters (`configs/zoo/" + family.name + "-<method>[+<variant>].yaml`):", ""]
             lines += [f"- `{method}`: {text}" for method, text in family.parameters.items()]
     if chart is not None:
         lines += ["", f"![Average normalised accuracy of each merge method, per family]({chart})"]
@@ -481,12 +525,12 @@ def plan_recipes(recipes: list[RecipeFile], manifest: dict[str, Any], zoo: Path,
     """
     planned: dict[str, list[tuple[RecipeFile, Path]]] = {}
     rank = {name: index for index, name in enumerate(method_order)}
-    for recipe in sorted(recipes, key=lambda item: (rank.get(item.method, len(rank)), item.method)):
+    for recipe in sorted(recipes, key=lambda item: (rank.get(item.method, len(rank)), item.label)):
         family = manifest["families"].get(recipe.family)
         if family is None:
             print(f"skip {recipe.path.name}: the zoo has no {recipe.family} family", flush=True)
             continue
-        name = f"{recipe.family}-{recipe.method}"
+        name = f"{recipe.family}-{recipe.label}"
         if work is None:
             check_recipe_matches_zoo(recipe, BENCH_ZOO, family)
             output = REPO_ROOT / (recipe.data.get("output") or {}).get("path", f"build/merged/zoo/{name}")
@@ -497,7 +541,8 @@ def plan_recipes(recipes: list[RecipeFile], manifest: dict[str, Any], zoo: Path,
         path = work / "recipes" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-        planned.setdefault(recipe.family, []).append((RecipeFile(recipe.family, recipe.method, path, data), output))
+        planned.setdefault(recipe.family, []).append(
+            (RecipeFile(recipe.family, recipe.method, path, data, recipe.variant), output))
     return planned
 
 
@@ -521,7 +566,7 @@ def measure_family(merge: Path, zoo: Path, name: str, family: dict[str, Any],
     # 2. The merges.
     merges, parameters, recipes_run = {}, {}, {}
     for recipe, output in recipes:
-        label = f"{name}-{recipe.method}"
+        label = f"{name}-{recipe.label}"
         command = [str(merge), "run", str(recipe.path), "--force", "-q"]
         _, seconds = _timed(lambda command=command: run_command(command, step=f"merging {label}"))
         timings[f"merge {label}"] = seconds
@@ -531,10 +576,10 @@ def measure_family(merge: Path, zoo: Path, name: str, family: dict[str, Any],
         normalized = report["average"]["normalized"]
         print(f"eval {label}: average accuracy {report['average']['accuracy']:.2f}, normalised "
               f"{'-' if normalized is None else f'{normalized:.3f}'} ({seconds:.1f} s)", flush=True)
-        merges[recipe.method] = report
-        parameters[recipe.method] = describe_parameters(recipe.data)
-        recipes_run[recipe.method] = {"file": str(recipe.path), "recipe": recipe.data}
-        rows.append(row_from_report(recipe.method, report))
+        merges[recipe.label] = report
+        parameters[recipe.label] = describe_parameters(recipe.data)
+        recipes_run[recipe.label] = {"file": str(recipe.path), "recipe": recipe.data}
+        rows.append(row_from_report(recipe.label, report))
 
     examples = {task: scores["examples"] for task, scores in base["tasks"].items()}
     return FamilyResult(name=name, tasks=tasks, examples=examples, rows=rows, parameters=parameters,

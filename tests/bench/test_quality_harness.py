@@ -32,6 +32,8 @@ def _load_harness():
 quality = _load_harness()
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "consensus", "lines", "pcb")
+# Recipes of one family only, by their label (`<method>[+<variant>]`): AdaMerging learns on causal LMs only.
+LM_ONLY = ("adamerging", "adamerging+task")
 # The settings the recipes must carry: the usual ones of each method's paper.
 EXPECTED_PARAMETERS = {
     "linear": {"weight": 1.0, "normalize": True},
@@ -42,12 +44,18 @@ EXPECTED_PARAMETERS = {
     "consensus": {"inner": "task_arithmetic", "k": 2, "mask_lambda": 0.4, "lambda": 0.4},
     "lines": {"inner": "task_arithmetic", "beta": 0.3},
     "pcb": {"variant": "reference", "density": 0.2, "clamp_ratio": 0.01, "lambda": 1.0, "scope": "model"},
+    "adamerging": {"granularity": "layer", "steps": 500, "lr": 0.001, "init": 0.3, "clamp": True,
+                   "positions": "answer"},
+    "adamerging+task": {"granularity": "task", "steps": 500, "lr": 0.001, "init": 0.3, "clamp": True,
+                        "positions": "answer"},
 }
 
 
 def _family(tasks: list[str], prefix: str = "lm") -> dict:
-    return {"tasks": tasks, "base": f"{prefix}/base",
-            "fine_tunes": {task: f"{prefix}/ft-{task}" for task in tasks}}
+    family = {"tasks": tasks, "base": f"{prefix}/base", "fine_tunes": {task: f"{prefix}/ft-{task}" for task in tasks}}
+    for kind in ("eval", "calibration", "train"):
+        family[f"{kind}_data"] = {task: f"{prefix}/data/{task}/{kind}.jsonl" for task in tasks}
+    return family
 
 
 def _report(accuracy: dict[str, float], fine_tune: dict[str, float]) -> dict:
@@ -65,23 +73,24 @@ def _report(accuracy: dict[str, float], fine_tune: dict[str, float]) -> dict:
 
 def test_recipes_one_per_family_and_method():
     recipes = quality.read_recipes(quality.RECIPE_DIR)
-    assert sorted((recipe.family, recipe.method) for recipe in recipes) == sorted(
-        (family, method) for family in ("lm", "encoder") for method in METHODS)
-    assert set(METHODS) <= {method.name for method in list_methods()}
+    expected = [(family, method) for family in ("lm", "encoder") for method in METHODS]
+    expected += [("lm", label) for label in LM_ONLY]
+    assert sorted((recipe.family, recipe.label) for recipe in recipes) == sorted(expected)
+    assert set(METHODS) | {label.partition("+")[0] for label in LM_ONLY} <= {method.name for method in list_methods()}
 
 
 @pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs" / "zoo").glob("*.yaml")), ids=lambda path: path.stem)
 def test_recipe_valid_and_names_bench_zoo(path):
     load_recipe(path)
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    family, _, method = path.stem.partition("-")
-    assert data["merge_method"] == method
-    assert data["parameters"] == EXPECTED_PARAMETERS[method]
+    family, _, label = path.stem.partition("-")
+    assert data["merge_method"] == label.partition("+")[0]
+    assert data["parameters"] == EXPECTED_PARAMETERS[label]
     assert data["seed"] == 0
-    assert data["output"] == {"path": f"build/merged/zoo/{family}-{method}"}
+    assert data["output"] == {"path": f"build/merged/zoo/{family}-{label}"}
     assert all(entry["model"].startswith(f"build/zoo/bench/{family}/ft-") for entry in data["models"])
     assert all("parameters" not in entry for entry in data["models"])
-    if method == "linear" and family == "lm":
+    if label == "linear" and family == "lm":
         assert "base_model" not in data
     else:
         assert data["base_model"] == f"build/zoo/bench/{family}/base"
@@ -202,16 +211,53 @@ def test_rewrite_recipe_rejects_non_fine_tune_model(tmp_path):
 def test_plan_recipes_writes_valid_rewrites(tmp_path):
     recipes = quality.read_recipes(quality.RECIPE_DIR)
     manifest = {"families": {"lm": _family(["sort", "vowels"])}}
+    for task in ("sort", "vowels"):
+        # `load_recipe` checks that the data files of the AdaMerging recipes exist.
+        data = tmp_path / "zoo" / "lm" / "data" / task / "calibration.jsonl"
+        data.parent.mkdir(parents=True)
+        data.write_text('{"prompt": "Sabc>"}\n', encoding="utf-8")
     planned = quality.plan_recipes(recipes, manifest, tmp_path / "zoo", tmp_path / "work", list(METHODS))
 
     assert list(planned) == ["lm"]
-    assert [recipe.method for recipe, _ in planned["lm"]] == list(METHODS)
+    assert [recipe.label for recipe, _ in planned["lm"]] == [*METHODS, *LM_ONLY]
     for recipe, output in planned["lm"]:
-        assert recipe.path == tmp_path / "work" / "recipes" / f"lm-{recipe.method}.yaml"
-        assert output == tmp_path / "work" / "merged" / f"lm-{recipe.method}"
+        assert recipe.path == tmp_path / "work" / "recipes" / f"lm-{recipe.label}.yaml"
+        assert output == tmp_path / "work" / "merged" / f"lm-{recipe.label}"
         loaded = load_recipe(recipe.path)
         assert [model.model for model in loaded.models] == [
             str(tmp_path / "zoo" / "lm" / "ft-sort"), str(tmp_path / "zoo" / "lm" / "ft-vowels")]
+
+
+def test_rewrite_recipe_moves_data_to_zoo(tmp_path):
+    recipe = yaml.safe_load((quality.RECIPE_DIR / "lm-adamerging.yaml").read_text(encoding="utf-8"))
+    rewritten = quality.rewrite_recipe(recipe, zoo=tmp_path, family=_family(["sort", "add"]), output=tmp_path)
+
+    assert rewritten["data"] == {
+        "sort": {"path": str(tmp_path / "lm" / "data" / "sort" / "calibration.jsonl"), "batch_size": 16},
+        "add": {"path": str(tmp_path / "lm" / "data" / "add" / "calibration.jsonl"), "batch_size": 16}}
+
+
+def test_rewrite_recipe_rejects_mixed_data_kinds(tmp_path):
+    recipe = {"merge_method": "adamerging", "base_model": "old/base", "models": [{"model": "old/ft-sort"}],
+              "data": {"sort": {"path": "old/data/sort/train.jsonl"}, "add": {"path": "old/data/add/eval.jsonl"}}}
+    with pytest.raises(quality.BenchmarkError, match="differ in file kind or settings"):
+        quality.rewrite_recipe(recipe, zoo=tmp_path, family=_family(["sort"]), output=tmp_path)
+
+
+def test_check_recipe_reports_wrong_data_file():
+    recipe = quality.RecipeFile("lm", "adamerging", Path("lm-adamerging.yaml"), {
+        "merge_method": "adamerging", "base_model": "build/zoo/bench/lm/base",
+        "models": [{"model": "build/zoo/bench/lm/ft-sort"}],
+        "data": {"sort": {"path": "build/zoo/test/lm/data/sort/calibration.jsonl"}}})
+    with pytest.raises(quality.BenchmarkError, match="the zoo's file is build/zoo/bench/lm/data/sort/calibration.jsonl"):
+        quality.check_recipe_matches_zoo(recipe, quality.BENCH_ZOO, _family(["sort"]))
+
+
+def test_read_recipes_takes_variant(tmp_path):
+    (tmp_path / "lm-ties+dense.yaml").write_text("merge_method: ties\nmodels: []\n", encoding="utf-8")
+    [recipe] = quality.read_recipes(tmp_path)
+    assert recipe.method == "ties"
+    assert recipe.label == "ties+dense"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,10 +364,10 @@ def test_plan_recipes_runs_bench_recipes_unchanged():
     manifest = {"families": {"lm": bench_lm}}
     planned = quality.plan_recipes(recipes, manifest, quality.REPO_ROOT / quality.BENCH_ZOO, None, list(METHODS))
 
-    assert [recipe.method for recipe, _ in planned["lm"]] == list(METHODS)
+    assert [recipe.label for recipe, _ in planned["lm"]] == [*METHODS, *LM_ONLY]
     for recipe, output in planned["lm"]:
-        assert recipe.path == quality.RECIPE_DIR / f"lm-{recipe.method}.yaml"
-        assert output == quality.REPO_ROOT / "build" / "merged" / "zoo" / f"lm-{recipe.method}"
+        assert recipe.path == quality.RECIPE_DIR / f"lm-{recipe.label}.yaml"
+        assert output == quality.REPO_ROOT / "build" / "merged" / "zoo" / f"lm-{recipe.label}"
 
 
 def test_choose_zoo_rejects_test_size_at_bench_folder():
