@@ -154,17 +154,38 @@ def run(
                                "total_bytes": summary.total_bytes, "seconds": round(summary.seconds, 3),
                                "recipe_sha256": recipe_sha256(data), "files": _file_summaries(summary.output),
                                "hub": uploaded.to_dict() if uploaded else None,
-                               **({"storage": summary.storage} if summary.storage is not None else {})}, indent=2))
+                               **({"storage": summary.storage} if summary.storage is not None else {}),
+                               **_bundle_selection(summary)}, indent=2))
         return
     if not quiet and summary.storage is not None:
         typer.echo(f"wrote a bundle of {summary.tensors} tensors ({format_size(summary.total_bytes)}) into "
                    f"{summary.output} in {summary.seconds:.1f} s: {summary.storage['ratio']:.4f} of the input "
                    f"checkpoints' weight bytes, against a bit-packing floor of {summary.storage['floor']:.4f}")
+        table = _bundle_lambda_table(summary)
+        if table is not None:
+            typer.echo(table)
     elif not quiet:
         typer.echo(f"merged {summary.tensors} tensors ({format_size(summary.total_bytes)}) into {summary.output} "
                    f"in {summary.seconds:.1f} s")
         if uploaded is not None:
             _echo_upload(uploaded)
+
+
+def _bundle_selection(summary: Any) -> dict[str, Any]:
+    """Return each bundle task's λ_t and its selection scores from the manifest, for `run --json`."""
+    if summary.storage is None:
+        return {}
+    from mergekit_plus.io.bundle import read_manifest
+
+    tasks = read_manifest(summary.output)["tasks"]
+    return {"tasks": [{"name": task["name"], "mask_lambda": task["mask_lambda"],
+                       "lambda_selection": task.get("lambda_selection")} for task in tasks]}
+
+
+def _bundle_lambda_table(summary: Any) -> str | None:
+    from mergekit_plus.io.bundle import format_lambda_table, read_manifest
+
+    return format_lambda_table(read_manifest(summary.output)["tasks"])
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:

@@ -115,9 +115,7 @@ def run_plan(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", pr
             files = writer.finish()
             files += _write_side_files(plan, staging, recipe_data)
             if plan.learned is not None:
-                from mergekit_plus.learn.adamerging import write_coefficients
-
-                files += write_coefficients(plan.learned, staging)
+                files += _write_learned(plan.learned, staging)
 
             # 3. Only now does anything appear under the output name.
             plan.staged.commit()
@@ -130,6 +128,16 @@ def run_plan(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", pr
     logger.debug("wrote %d tensors in %d file(s) to %s in %.1f s", len(plan.jobs), len(plan.layout.shards),
                  plan.output, seconds)
     return MergeSummary(plan.output, tuple(files), len(plan.jobs), plan.layout.total_size, seconds)
+
+
+def _write_learned(learned: Any, folder: Path) -> list[str]:
+    """Write what a learning phase found next to the weights: through its own `write_files`, else as AdaMerging's."""
+    write_files = getattr(learned, "write_files", None)
+    if write_files is not None:
+        return write_files(folder)
+    from mergekit_plus.learn.adamerging import write_coefficients
+
+    return write_coefficients(learned, folder)
 
 
 def _gather_statistics(plan: Plan, device: torch.device, *, progress: bool) -> tuple[Any, ...]:

@@ -39,6 +39,14 @@ def plan_summary(plan: Plan, *, with_tensors: bool = False) -> dict[str, Any]:
     if plan.statistics is not None:
         summary["statistics"] = {"purpose": plan.statistics.purpose, "max_passes": plan.statistics.max_passes,
                                  "read_bytes_per_pass": plan.statistics.read_bytes}
+    if _is_bundle(plan):
+        from mergekit_plus.io.bundle import describe_bundle
+
+        # A bundle is written instead of a checkpoint, so its layout replaces the checkpoint's.
+        bundle = describe_bundle(plan)
+        summary["bundle"] = bundle
+        summary["shards"] = bundle["shards"]
+        summary["total_bytes"] = bundle["total_bytes"]
     if with_tensors:
         summary["jobs"] = [
             {"tensor": job.name, "action": job.action, "shape": list(job.output.shape),
@@ -61,11 +69,14 @@ def describe_plan(plan: Plan, *, with_tensors: bool = False) -> str:
         lines.append(f"  {item['role']:<5} {item['reference']}{pinned}  ({len(item['files'])} file(s), "
                      f"{item['tensors']} tensors, {format_size(size)})")
     counts = summary["tensors"]
-    lines += [
-        f"output: {summary['output'] or '(none: set output.path, or pass -o to merge run)'}  ({len(summary['shards'])} shard(s), "
-        f"{format_size(summary['total_bytes'])}, stored as {summary['out_dtype']}, computed in {summary['compute_dtype']})",
-        f"tensors: {counts['merge']} merged, {counts['copy']} copied from the base, {counts['dropped']} dropped",
-    ]
+    if "bundle" in summary:
+        lines += _describe_bundle(summary)
+    else:
+        lines.append(
+            f"output: {summary['output'] or '(none: set output.path, or pass -o to merge run)'}  ({len(summary['shards'])} "
+            f"shard(s), {format_size(summary['total_bytes'])}, stored as {summary['out_dtype']}, computed in "
+            f"{summary['compute_dtype']})")
+    lines.append(f"tensors: {counts['merge']} merged, {counts['copy']} copied from the base, {counts['dropped']} dropped")
     lines += [f"  dropped {item['tensor']}: {item['reason']}" for item in summary["dropped"]]
     lines += [
         f"tokenizer and side files from: {summary['tokenizer_source']}",
@@ -90,3 +101,58 @@ def describe_plan(plan: Plan, *, with_tensors: bool = False) -> str:
                 line += f"  models: [{per_model}]"
             lines.append(line)
     return "\n".join(lines)
+
+
+BUNDLE_FILES_NOTE = "bundle.json (the manifest), tasks/TASK/ (each task's config and tokenizer), merge_recipe.yaml"
+
+
+def _is_bundle(plan: Plan) -> bool:
+    return getattr(plan.method, "output_kind", "checkpoint") == "bundle"
+
+
+def _describe_bundle(summary: dict[str, Any]) -> list[str]:
+    """Describe a tall_masks bundle: its contents, size, storage ratio and how each λ_t is set."""
+    bundle = summary["bundle"]
+    storage = bundle["storage"]
+    tasks = bundle["tasks"]
+    output = summary["output"] or "(none: set output.path, or pass -o to merge run)"
+    lines = [
+        f"output: {output}  (a tall_masks bundle, not a checkpoint: {len(bundle['shards'])} shard(s), "
+        f"{format_size(bundle['weight_bytes'])} of tensors, stored as {summary['out_dtype']}, computed in "
+        f"{summary['compute_dtype']})",
+        f"  base/NAME: θ₀, {bundle['merged_tensors']} merged and {bundle['copied_tensors']} copied tensors",
+        f"  tau/NAME: τ_MTL, {bundle['merged_tensors']} tensors",
+        f"  mask/TASK/NAME: {len(tasks)} bit-packed masks, 1 bit per entry, for "
+        + ", ".join(task["name"] for task in tasks),
+    ]
+    heads = [task for task in tasks if task["heads"]]
+    if heads:
+        lines.append("  head/TASK/NAME: the task heads of " + ", ".join(
+            f"{task['name']} ({len(task['heads'])} tensors)" for task in heads))
+    lines.append(f"  {BUNDLE_FILES_NOTE}")
+    if bundle["per_task_models"]:
+        lines.append(f"  models/TASK/: {len(tasks)} rebuilt task models (per_task_models), "
+                     f"{format_size(sum(bundle['task_model_bytes']))} in all")
+
+    lines.append(f"storage estimate: the bundle's tensors take {storage['ratio']:.4f} of the {storage['tasks'] + 1} "
+                 f"input checkpoints' weight bytes; the bit-packing floor (2 + T/b)/(T + 1) is {storage['floor']:.4f}")
+
+    lines.append("λ_t per task:")
+    width = max(len(task["name"]) for task in tasks) if tasks else 0
+    for task in tasks:
+        if task["mask_lambda"] == "auto" or (isinstance(task["mask_lambda"], list) and "auto" in task["mask_lambda"]):
+            grid = ", ".join(str(value) for value in bundle["lambda_grid"])
+            choice = f"chosen from {grid} by {task['metric']} on {task['data']} ({task['examples']} examples)"
+        else:
+            choice = f"given, {task['mask_lambda']}"
+            if task["data"] is not None:
+                choice += f"; scored by {task['metric']} on {task['data']} ({task['examples']} examples)"
+        lines.append(f"  {task['name']:<{width}}  {choice}")
+    if bundle["lambda_tie_break"] == "nearest_default":
+        lines.append("  of equally scoring λ, the one nearest 0.4 is kept (the smaller of two equally near)")
+    elif bundle["lambda_tie_break"] == "first":
+        lines.append("  of equally scoring λ, the first in `lambda_grid` order is kept")
+    if bundle["selection_memory_bytes"] is not None:
+        lines.append(f"  the selection keeps about {format_size(bundle['selection_memory_bytes'])} in memory "
+                     "(τ_MTL and one task model) besides the activations")
+    return lines

@@ -8,9 +8,13 @@ A bundle folder contains:
   `mask/TASK/NAME` (m_t, 1-D uint8, `numpy.packbits` order over the flattened tensor, last byte
   padded with zero bits) and `head/TASK/NAME` (a task's own head, such as a classifier, as stored);
 - `tasks/TASK/`: that task's config.json, tokenizer and generation files, copied byte for byte;
-- `bundle.json`: the manifest (format version, tasks with their sources, λ_t and heads, the tensor
-  list with shapes and dtypes, the storage ratio);
+- `bundle.json`: the manifest (format version, tasks with their sources, λ_t, heads and the λ_t
+  selection scores, the tensor list with shapes and dtypes, the storage ratio);
 - `merge_recipe.yaml`: the recipe, as for `merge run`.
+
+With a `data:` section, a selection phase runs before the bundle pass: for each task it scores
+θ₀ + m_t(λ) ⊙ τ_MTL on the task's labelled rows, for every λ of `lambda_grid` where `mask_lambda`
+is `auto` and for the given λ_t elsewhere, and keeps the best λ.
 
 `extract_task` rebuilds θ_t = θ₀ + m_t ⊙ τ_MTL of one task as an ordinary Hugging Face folder.
 """
@@ -24,7 +28,7 @@ import re
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +45,26 @@ from mergekit_plus.execute import (
     _writing,
     select_device,
 )
-from mergekit_plus.errors import InputError, OutputError
+from mergekit_plus.errors import InputError, OutputError, RecipeError
 from mergekit_plus.io.reader import DTYPE_TO_SAFETENSORS, SAFETENSORS_DTYPES, CheckpointReader, TensorInfo
 from mergekit_plus.io.sidefiles import TOKENIZER_FILES, write_config, write_recipe_copy
 from mergekit_plus.io.sources import ModelSource
-from mergekit_plus.io.writer import PlannedTensor, ShardWriter, StagedOutput, plan_layout
-from mergekit_plus.methods.tall_masks import apply_mask, bundle_entry, packed_size
-from mergekit_plus.plan import DTYPE_NAMES, DTYPES, Plan, TensorJob
+from mergekit_plus.io.writer import CheckpointLayout, PlannedTensor, ShardWriter, StagedOutput, plan_layout
+from mergekit_plus.learn.data import task_of_model
+from mergekit_plus.methods.chunks import TaskVectors
+from mergekit_plus.methods.tall_masks import (
+    AUTO,
+    DEFAULT_MASK_LAMBDA,
+    apply_mask,
+    bundle_entry,
+    multi_task_vector,
+    packed_size,
+    parse_lambda_grid,
+    rebuild_task,
+    searched_models,
+    select_lambda,
+)
+from mergekit_plus.plan import DTYPE_NAMES, DTYPES, InputModel, Plan, TensorJob, merge_targets
 from mergekit_plus.sizes import format_size
 
 logger = logging.getLogger(__name__)
@@ -118,11 +135,81 @@ def task_names(labels: Sequence[str]) -> list[str]:
     return names
 
 
+# The bundle's contents, for `merge plan` and `merge run`
+
+
+@dataclass(frozen=True)
+class BundleOutline:
+    """The contents of a bundle plan: the task names, their heads, the shard layout and the storage figures."""
+
+    tasks: list[str]
+    heads: list[list[str]]
+    layout: CheckpointLayout
+    storage: StorageReport
+    per_task_models: bool
+    task_model_bytes: list[int]
+    """The weight bytes of each task's rebuilt model, as `merge extract` writes it."""
+
+    @property
+    def total_bytes(self) -> int:
+        """The weight bytes written: the bundle's, plus every rebuilt task model with `per_task_models`."""
+        return self.layout.total_size + (sum(self.task_model_bytes) if self.per_task_models else 0)
+
+
+def bundle_outline(plan: Plan) -> BundleOutline:
+    """Lay out the bundle of `plan` from the headers alone."""
+    tasks = task_names([model.source.reference for model in plan.models])
+    heads = _task_heads(plan)
+    layout = plan_layout(_planned_tensors(plan, tasks, heads), max_shard_bytes=plan.recipe.shard_size_bytes,
+                         metadata={"format": "pt", "content": FORMAT_NAME})
+    storage = StorageReport(layout.total_size, _inputs_weight_bytes(plan), len(tasks), plan.out_dtype.itemsize * 8)
+    per_task_models = any(job.action == "merge" and job.params["per_task_models"] for job in plan.jobs)
+    shared = sum(plan.out_dtype.itemsize * math.prod(job.output.shape) if job.action == "merge"
+                 else job.output.nbytes for job in plan.jobs)
+    task_model_bytes = [shared + sum(model.reader.tensors[name].nbytes for name in names)
+                        for model, names in zip(plan.models, heads)]
+    return BundleOutline(tasks, heads, layout, storage, per_task_models, task_model_bytes)
+
+
+def describe_bundle(plan: Plan) -> dict[str, Any]:
+    """Describe, as plain data, the bundle that `merge run` writes for `plan` and how it sets each λ_t."""
+    outline = bundle_outline(plan)
+    selection = plan.learning if isinstance(plan.learning, LambdaSelection) else None
+    data = {entry.position: entry for entry in selection.tasks} if selection is not None else {}
+    tasks = []
+    for position, (task, model) in enumerate(zip(outline.tasks, plan.models)):
+        mask_lambda = _task_lambda(plan, position)
+        entry = data.get(position)
+        tasks.append({
+            "name": task, "source": model.source.label, "mask_lambda": mask_lambda, "heads": outline.heads[position],
+            "data": entry.path if entry else None, "examples": len(entry.examples) if entry else None,
+            "metric": entry.metric if entry else None,
+        })
+    merged = [job for job in plan.jobs if job.action == "merge"]
+    searched = selection is not None and any(entry.searched for entry in selection.tasks)
+    return {
+        "format": FORMAT_NAME,
+        "tasks": tasks,
+        "merged_tensors": len(merged),
+        "copied_tensors": len(plan.jobs) - len(merged),
+        "lambda_grid": list(selection.grid) if searched else None,
+        "lambda_tie_break": selection.tie_break if searched else None,
+        "weight_bytes": outline.layout.total_size,
+        "shards": [{"file": shard.file_name, "bytes": shard.size, "tensors": len(shard.offsets)}
+                   for shard in outline.layout.shards],
+        "per_task_models": outline.per_task_models,
+        "task_model_bytes": outline.task_model_bytes,
+        "total_bytes": outline.total_bytes,
+        "storage": outline.storage.to_dict(),
+        "selection_memory_bytes": selection.memory_bytes if selection is not None else None,
+    }
+
+
 # Writing a bundle (called by `execute.run_plan` for a method with `output_kind == "bundle"`)
 
 
 def run_bundle(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", progress: bool = True) -> MergeSummary:
-    """Write the bundle of `plan` into a staging folder, then move it into place.
+    """Choose λ_t where asked, write the bundle of `plan` into a staging folder, then move it into place.
 
     It reads the inputs the way `execute.run_plan` does and shares its helpers, so the input checks,
     the statistics passes and the output errors are the same as for an ordinary merge.
@@ -134,18 +221,18 @@ def run_bundle(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", 
     if any(job.row_maps is not None for job in plan.jobs):
         # The planner rejects `vocab: align` for bundle methods, so only a plan built in code gets here.
         raise ValueError("a tall_masks bundle cannot hold vocabulary tensors whose rows are matched by token")
-    tasks = task_names([model.source.reference for model in plan.models])
-    heads = _task_heads(plan)
-    planned = _planned_tensors(plan, tasks, heads)
-    layout = plan_layout(planned, max_shard_bytes=plan.recipe.shard_size_bytes,
-                         metadata={"format": "pt", "content": FORMAT_NAME})
-    plan.staged.check_free_space(layout.total_size)
-    per_task_models = bool(plan.jobs and any(job.action == "merge" and job.params["per_task_models"]
-                                             for job in plan.jobs))
+    outline = bundle_outline(plan)
+    tasks, heads, layout = outline.tasks, outline.heads, outline.layout
+    plan.staged.check_free_space(outline.total_bytes)
     started = time.perf_counter()
 
     # 2. Whole-model statistics (TIES thresholds with `inner: ties`, `scope: model`), read-only.
     statistics = _gather_statistics(plan, target, progress=progress) if plan.statistics is not None else None
+
+    # 3. λ_t chosen on each task's data, read-only like the statistics.
+    selections: list[dict[str, Any] | None] = [None] * len(tasks)
+    if isinstance(plan.learning, LambdaSelection):
+        plan, selections = run_lambda_selection(plan, plan.learning, statistics, target)
 
     with _writing(plan.output):
         staging = plan.staged.begin()
@@ -153,7 +240,7 @@ def run_bundle(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", 
     kept = [0] * len(tasks)
     entries = 0
     try:
-        # 3. Tensors: θ₀ and τ_MTL in the output dtype, then each task's packed mask.
+        # 4. Tensors: θ₀ and τ_MTL in the output dtype, then each task's packed mask.
         with _writing(plan.output):
             writer.open()
         with tqdm(total=layout.total_size, unit="B", unit_scale=True, desc="bundling", disable=not progress,
@@ -175,11 +262,10 @@ def run_bundle(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", 
                     with _writing(plan.output):
                         writer.write(head_key(task, stored), model.reader.read(stored))
 
-        # 4. Side files per task, the manifest, and the optional rebuilt task models.
+        # 5. Side files per task, the manifest, and the optional rebuilt task models.
         with _writing(plan.output):
             files = writer.finish()
-            storage = StorageReport(layout.total_size, _inputs_weight_bytes(plan), len(tasks),
-                                    plan.out_dtype.itemsize * 8)
+            storage = outline.storage
             task_records = []
             for index, (task, model, names) in enumerate(zip(tasks, plan.models, heads)):
                 side_files = _copy_task_files(model.source, staging / TASKS_FOLDER / task)
@@ -187,12 +273,13 @@ def run_bundle(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", 
                     "name": task, "source": model.source.label, "mask_lambda": _task_lambda(plan, index),
                     "prefix": model.prefix, "side_files": side_files,
                     "heads": [_tensor_record(model.reader.tensors[name]) for name in names],
-                    "mask_fraction": kept[index] / entries if entries else 0.0})
+                    "mask_fraction": kept[index] / entries if entries else 0.0,
+                    "lambda_selection": selections[index]})
             manifest = _manifest(plan, task_records, storage)
             (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             write_recipe_copy(staging, recipe_data)
             files += [MANIFEST_NAME, "merge_recipe.yaml"]
-            if per_task_models:
+            if outline.per_task_models:
                 for task in tasks:
                     _extract_into(staging, manifest, task, staging / MODELS_FOLDER / task, target)
                 files.append(f"{MODELS_FOLDER}/")
@@ -309,6 +396,261 @@ def _manifest(plan: Plan, task_records: list[dict[str, Any]], storage: StorageRe
                     for job in plan.jobs],
         "storage": storage.to_dict(),
     }
+
+
+# Choosing λ_t on each task's labelled data
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One task's labelled rows for the λ_t selection, read and checked when the plan is built."""
+
+    position: int
+    """The model's position in the plan's models."""
+    task: str
+    """The task's key in the recipe's `data:`."""
+    path: str
+    kind: str
+    """`causal_lm` or `sequence_classification`, from the task model's config."""
+    metric: str
+    examples: tuple[tuple[str, Any], ...]
+    batch_size: int
+    max_length: int
+    tokenizer_folder: Path
+    searched: bool
+    """Whether `mask_lambda` is `auto` for some tensor of this model, so that the grid is searched."""
+
+
+@dataclass(frozen=True)
+class LambdaSelection:
+    """The λ_t selection phase of a bundle plan: the grid, each task's data, and the memory it takes."""
+
+    grid: tuple[float, ...]
+    tie_break: str
+    tasks: tuple[TaskData, ...]
+    memory_bytes: int
+    """τ_MTL of every merged tensor in the compute dtype, plus the largest task model in float32."""
+
+    memory_contents = "τ_MTL and one task model (activations come on top)"
+    """The contents of the memory estimate, for the plan's log."""
+
+
+def plan_lambda_selection(recipe: Any, plan: Plan) -> LambdaSelection | None:
+    """Return the λ_t selection phase of a tall_masks plan, or None when the recipe has no `data:`.
+
+    Reads and checks every task's rows now, so that a bad data file stops the plan before any
+    model loads. Raise RecipeError for `mask_lambda: auto` without `data:`, and InputError for
+    rows that do not fit the task model or a task model that cannot be scored.
+    """
+    from mergekit_plus.zoo.evaluate import (
+        METRICS,
+        SEQUENCE_CLASSIFICATION,
+        label_count,
+        model_kind,
+        read_labelled_examples,
+    )
+
+    merged = [job for job in plan.jobs if job.action == "merge"]
+    searched = set(searched_models(merge_targets(list(plan.jobs))))
+    data_tasks = [task_of_model(recipe.models[model.index].model, recipe.models[model.index].task)
+                  for model in plan.models]
+    if recipe.data is None:
+        if searched:
+            # With `data:`, the recipe validation requires an entry for every task, searched or not.
+            needed = ", ".join(f"`{task}`" for task in data_tasks)
+            raise RecipeError([f"`mask_lambda: auto` chooses λ_t on each task's labelled data, but the recipe has no "
+                               f"`data:` section; add one with an entry for every task ({needed}), such as "
+                               f"`{data_tasks[min(searched)]}: {{path: FILE}}`, or set `mask_lambda` to a number"])
+        return None
+    if not merged:
+        return None
+
+    params = merged[0].params
+    tasks = []
+    for position, (model, data_task) in enumerate(zip(plan.models, data_tasks)):
+        entry = recipe.data.get(data_task)
+        if entry is None:  # the recipe validation already rejects this; kept for plans built in code
+            raise RecipeError([f"`data:` has no entry for task `{data_task}`; add one per model"])
+        config = model.reader.config
+        kind = model_kind(config)
+        if kind is None:
+            architectures = (config or {}).get("architectures")
+            raise InputError(f"{model.label} cannot be scored on its data: its config.json names architectures "
+                             f"{architectures!r}, and tall_masks scores causal LMs (…ForCausalLM) by exact match and "
+                             "sequence classifiers (…ForSequenceClassification) by accuracy",
+                             hint="remove `data:` and set each `mask_lambda` to a number")
+        tokenizer_folder = _tokenizer_folder(model.source.folder, plan.tokenizer_source.folder)
+        if tokenizer_folder is None:
+            raise InputError(f"{model.label} cannot be scored on its data: neither it nor the tokenizer source "
+                             f"{plan.tokenizer_source.label} has tokenizer files",
+                             hint="save the task model's tokenizer beside it with `tokenizer.save_pretrained`")
+        labels = label_count(config) if kind == SEQUENCE_CLASSIFICATION else None
+        examples = read_labelled_examples(Path(entry.path), kind, samples=entry.samples, labels=labels)
+        tasks.append(TaskData(position, data_task, entry.path, kind, METRICS[kind], tuple(examples), entry.batch_size,
+                              entry.max_length, tokenizer_folder, position in searched))
+
+    compute_bytes = sum(math.prod(job.output.shape) for job in merged) * plan.compute_dtype.itemsize
+    model_bytes = max(sum(math.prod(info.shape) for info in model.reader.tensors.values()) * 4
+                      for model in plan.models)
+    grid = parse_lambda_grid(params["lambda_grid"])
+    return LambdaSelection(grid, params["lambda_tie_break"], tuple(tasks), compute_bytes + model_bytes)
+
+
+def _tokenizer_folder(model_folder: Path, source_folder: Path) -> Path | None:
+    """Return the task model's folder when it has a tokenizer, else the tokenizer source's, else None."""
+    for folder in (model_folder, source_folder):
+        if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                                                       "tokenizer.model", "vocab.json")):
+            return folder
+    return None
+
+
+def run_lambda_selection(plan: Plan, selection: LambdaSelection, statistics: tuple[Any, ...] | None,
+                         device: torch.device) -> tuple[Plan, list[dict[str, Any] | None]]:
+    """Score each task's rebuilt model on its data; return the plan with the chosen λ_t and one record per model.
+
+    A model without data gets None. Only τ_MTL of every merged tensor and one task model are held at
+    a time; θ₀ and θ_t are read again, tensor by tensor, for every λ.
+    """
+    from transformers import AutoTokenizer
+
+    from mergekit_plus.zoo.evaluate import load_scoring_model, score_examples
+
+    started = time.perf_counter()
+    merged = tuple(job for job in plan.jobs if job.action == "merge")
+
+    # 1. τ_MTL of every merged tensor, and its stored (clamped) form where clamping changes it.
+    multi_task: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for job, tensors in _prefetched(merged):
+        for read, tensor in zip(job.reads, tensors):
+            _check_finite_input(job.name, read.input.label, tensor)
+        moved = [tensor.to(device=device) for tensor in tensors]
+        inputs = TaskVectors(moved[0], moved[1:], plan.compute_dtype)
+        tau = multi_task_vector(inputs, job.params, job.model_params, statistics).view(inputs.shape)
+        stored = _fit_to_dtype(job.name, tau, plan.out_dtype, clamp=plan.recipe.output.clamp_out_of_range)
+        multi_task[job.name] = (tau, stored)
+
+    # 2. Each task: its own model (config, head) with the rebuilt tensors written into it, scored per λ.
+    # NOTE: only run on CPU so far; with `--device cuda` the model, τ_MTL and the batches go to the GPU.
+    records: list[dict[str, Any] | None] = [None] * len(plan.models)
+    chosen: dict[int, float] = {}
+    for entry in selection.tasks:
+        model = plan.models[entry.position]
+        network = load_scoring_model(model.source.folder, entry.kind).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(entry.tokenizer_folder)
+        state = _scoring_state(network, model, plan)
+
+        def score(mask_lambda: float | None) -> int:
+            _load_rebuilt_task(plan, model, entry.position, mask_lambda, multi_task, state, device)
+            return score_examples(network, tokenizer, entry.examples, kind=entry.kind, batch_size=entry.batch_size,
+                                  max_length=entry.max_length).correct
+
+        if entry.searched:
+            value, scores = select_lambda(selection.grid, score, tie_break=selection.tie_break)
+            chosen[entry.position] = value
+            picked = value
+        else:
+            fixed = _task_lambda(plan, entry.position)
+            scores = [(fixed, score(None))]
+            picked = fixed
+        records[entry.position] = _selection_record(entry, scores, picked, selection.tie_break)
+        logger.info("λ_t of %s on %s: %s; keeps %s", model.source.label, entry.path,
+                    ", ".join(f"{value} → {correct}/{len(entry.examples)}" for value, correct in scores), picked)
+        del network, state
+
+    # 3. The bundle pass reads the chosen λ_t from each merged tensor's per-model parameters.
+    jobs = []
+    for job in plan.jobs:
+        if job.action != "merge":
+            jobs.append(job)
+            continue
+        model_params = tuple({**values, "mask_lambda": chosen[position]} if values["mask_lambda"] == AUTO else values
+                             for position, values in enumerate(job.model_params))
+        jobs.append(replace(job, model_params=model_params))
+    logger.info("λ_t selection done in %.1f s", time.perf_counter() - started)
+    return replace(plan, jobs=tuple(jobs), learned=records), records
+
+
+def _scoring_state(network: torch.nn.Module, model: InputModel, plan: Plan) -> dict[str, torch.Tensor]:
+    """Return the network's tensors by stored name, rejecting a merged tensor that the network lacks."""
+    state = network.state_dict()
+    missing = [model.prefix + job.name for job in plan.jobs
+               if job.action == "merge" and model.prefix + job.name not in state]
+    if missing:
+        raise InputError(f"the transformers model of {model.label} has no tensor named {', '.join(missing[:3])}"
+                         f"{' and more' if len(missing) > 3 else ''}, so its rebuilt tensors cannot be scored",
+                         hint="merge checkpoints whose tensor names match their transformers class, or remove "
+                              "`data:` and set each `mask_lambda` to a number")
+    return state
+
+
+@torch.no_grad()
+def _load_rebuilt_task(plan: Plan, model: InputModel, position: int, mask_lambda: float | None,
+                       multi_task: dict[str, tuple[torch.Tensor, torch.Tensor]], state: dict[str, torch.Tensor],
+                       device: torch.device) -> None:
+    """Write θ₀ + m_t ⊙ τ_MTL of every tensor into `state`, as `merge extract` stores it.
+
+    `mask_lambda` replaces `auto`; a λ_t that the recipe gives is used as it is.
+    """
+    for job in plan.jobs:
+        key = model.prefix + job.name
+        if job.action == "copy":
+            if key in state:
+                state[key].copy_(job.models[0].input.reader.read(job.models[0].info.name))
+            continue
+        recipe_value = job.model_params[position]["mask_lambda"]
+        value = mask_lambda if recipe_value == AUTO else recipe_value
+        base = job.base.input.reader.read(job.base.info.name).to(device)
+        task = job.models[position].input.reader.read(job.models[position].info.name).to(device)
+        tau, stored = multi_task[job.name]
+        rebuilt = rebuild_task(base, task, tau, value, compute_dtype=plan.compute_dtype, stored_dtype=plan.out_dtype,
+                               stored_multi_task=stored)
+        state[key].copy_(rebuilt.to(plan.out_dtype))
+
+
+def _selection_record(entry: TaskData, scores: list[tuple[Any, int]], picked: Any, tie_break: str) -> dict[str, Any]:
+    count = len(entry.examples)
+    return {
+        "data": entry.path, "metric": entry.metric, "examples": count, "searched": entry.searched,
+        "tie_break": tie_break if entry.searched else None,
+        "scores": [{"mask_lambda": value, "correct": correct, "accuracy": correct / count}
+                   for value, correct in scores],
+        "mask_lambda": picked,
+    }
+
+
+def format_lambda_table(task_records: Sequence[dict[str, Any]]) -> str | None:
+    """Render each task's λ_t scores from the manifest's task records as a table, or None without any."""
+    rows = [record for record in task_records if record.get("lambda_selection")]
+    if not rows:
+        return None
+    grid: list[Any] = []
+    for record in rows:
+        selection = record["lambda_selection"]
+        if selection["searched"]:
+            grid += [item["mask_lambda"] for item in selection["scores"] if item["mask_lambda"] not in grid]
+    width = max(len("task"), *(len(record["name"]) for record in rows))
+    columns = [f"{value:>6}" for value in grid]
+    lines = [f"{'task':<{width}}  " + "  ".join(columns) + ("  " if columns else "") + "   λ_t  accuracy  examples"]
+    for record in rows:
+        selection = record["lambda_selection"]
+        by_value = {_lambda_key(item["mask_lambda"]): item["accuracy"] for item in selection["scores"]}
+        cells = [f"{by_value[_lambda_key(value)]:6.3f}" if selection["searched"] else f"{'-':>6}" for value in grid]
+        picked = selection["mask_lambda"]
+        accuracy = by_value[_lambda_key(picked)]
+        lambda_text = f"{picked}" if selection["searched"] else f"{picked} (given)"
+        lines.append(f"{record['name']:<{width}}  " + "  ".join(cells) + ("  " if cells else "")
+                     + f"{lambda_text:>6}  {accuracy:8.3f}  {selection['examples']:8d}")
+    metric = rows[0]["lambda_selection"]["metric"]
+    tie_break = next((record["lambda_selection"]["tie_break"] for record in rows
+                      if record["lambda_selection"]["searched"]), None)
+    note = {"nearest_default": f"; ties go to the λ nearest {DEFAULT_MASK_LAMBDA}",
+            "first": "; ties go to the first λ of the grid"}.get(tie_break, "")
+    return f"λ_t per task, scored by {metric} on each task's data{note}:\n" + "\n".join(lines)
+
+
+def _lambda_key(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 # Extracting one task

@@ -9,6 +9,7 @@ otherwise as every `*.jsonl` file in it, in name order.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +55,61 @@ def read_rows(path: str) -> list[dict[str, Any]]:
     source = Path(path)
     if source.is_dir() and (source / "dataset_info.json").is_file():
         return _read_saved_dataset(source)
+    rows = [row for _, _, row in _numbered_rows(source)]
+    if not rows:
+        raise ValueError(f"data source {path} contains no rows")
+    return rows
+
+
+def read_labelled_rows(path: str) -> list[dict[str, Any]]:
+    """Read every row of a labelled data source: a string "prompt" and a string "answer".
+
+    Raise ValueError naming the file and line of a row without a string "answer", and the source
+    when its format has no answers (a text file of prompts).
+    """
+    source = Path(path)
+    if source.is_dir() and (source / "dataset_info.json").is_file():
+        rows = _read_saved_dataset(source)
+        for index, row in enumerate(rows):
+            if not isinstance(row.get("answer"), str):
+                raise ValueError(f'dataset {source}, row {index}: expected a string "answer" in a labelled row')
+        return rows
+    rows = []
+    for file, number, row in _numbered_rows(source):
+        if file.suffix in TEXT_SUFFIXES:
+            raise ValueError(f'{file} contains prompts only (one per line), but labelled data needs JSON Lines rows '
+                             f'with a "prompt" and an "answer"')
+        if not isinstance(row.get("answer"), str):
+            raise ValueError(f'{file}:{number}: expected a string "answer" in a labelled row, got '
+                             f'{row.get("answer")!r}')
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"data source {path} contains no rows")
+    return rows
+
+
+def check_labelled_source(path: str) -> str | None:
+    """Return why `path` cannot be read as labelled rows, or None when it can. Reads no model."""
+    try:
+        read_labelled_rows(path)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _numbered_rows(source: Path) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+    """Yield (file, line number, row) for every non-blank line of a file or of a folder's *.jsonl files.
+
+    Raise ValueError naming the file and line of a row that is not JSON or has no "prompt".
+    """
     files = sorted(source.glob("*.jsonl")) if source.is_dir() else [source]
-    rows: list[dict[str, Any]] = []
     for file in files:
         lines = file.read_text(encoding="utf-8").splitlines()
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             if file.suffix in TEXT_SUFFIXES:
-                rows.append({"prompt": line})
+                yield file, number, {"prompt": line}
                 continue
             try:
                 row = json.loads(line)
@@ -70,10 +117,7 @@ def read_rows(path: str) -> list[dict[str, Any]]:
                 raise ValueError(f"{file}:{number}: invalid JSON: {error.msg}") from error
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise ValueError(f'{file}:{number}: expected an object with a string "prompt"')
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"data source {path} contains no rows")
-    return rows
+            yield file, number, row
 
 
 def _read_saved_dataset(folder: Path) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ from mergekit_plus.methods import mwa
 from mergekit_plus.methods import mc_smoe
 from mergekit_plus.methods import adamerging
 from mergekit_plus.methods import sub_moe
+from mergekit_plus.methods import frank_wolfe
 from mergekit_plus.methods.base import MergeMethod, Param
 
 _ALL: tuple[MergeMethod, ...] = (
@@ -27,6 +28,7 @@ _ALL: tuple[MergeMethod, ...] = (
     mc_smoe.METHOD,
     adamerging.METHOD,
     sub_moe.METHOD,
+    frank_wolfe.METHOD,
 )
 
 METHODS: dict[str, MergeMethod] = {}

@@ -12,7 +12,10 @@ With base θ₀, models θ₁ … θ_T and task vectors τ_t = θ_t − θ₀:
    whole-model trim thresholds of `methods/ties.py`.
 2. Mask of task t: m_t = 1[|τ_t| > λ_t · |τ_MTL − τ_t|], with a strict ">". Each λ_t is the
    per-model parameter `mask_lambda`. The paper picks it per task on that task's validation data
-   from {0.2, 0.3, 0.4, 0.5, 0.6}, and the default 0.4 is the middle of that grid.
+   from {0.2, 0.3, 0.4, 0.5, 0.6}, and the default 0.4 is the middle of that grid. With
+   `mask_lambda: auto`, the `tall_masks` method does the same: for each λ of `lambda_grid` it
+   scores θ₀ + m_t(λ) ⊙ τ_MTL on task t's `data:` file and keeps the best λ (`io/bundle.py` runs
+   that phase, `select_lambda` below decides).
 
 3. The `tall_masks` method (`METHOD` below) stores θ₀, τ_MTL and every m_t bit-packed in a bundle
    folder (`io/bundle.py`), and `merge extract` rebuilds θ̂_t = θ₀ + m_t ⊙ τ_MTL.
@@ -24,7 +27,8 @@ side instead of |τ_t|. That is a slip, so this module does not offer it as an o
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,6 +251,153 @@ PER_TASK_MODELS = Param(
 )
 
 
+# Choosing λ_t per task on labelled data (`mask_lambda: auto`)
+
+AUTO = "auto"
+"""The `mask_lambda` keyword that has the `tall_masks` method choose λ_t on the task's data."""
+
+PAPER_LAMBDA_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)
+TIE_BREAKS = ("nearest_default", "first")
+"""Choices of `lambda_tie_break`: the grid value nearest the default 0.4, or the first in grid order."""
+
+
+@dataclass(frozen=True)
+class KeywordParam(Param):
+    """A number parameter that also takes one of `keywords` in place of a number (not inside a gradient list)."""
+
+    keywords: tuple[str, ...] = ()
+
+
+SELECTABLE_MASK_LAMBDA = KeywordParam(
+    "mask_lambda",
+    float,
+    DEFAULT_MASK_LAMBDA,
+    "λ_t of this task's TALL mask: an entry belongs to the task where |τ_t| > λ_t · |τ_MTL − τ_t|. "
+    "`auto` chooses it from `lambda_grid` by the task's score on its `data:` file, as the paper does "
+    "on validation data.",
+    per_model=True,
+    minimum=0.0,
+    keywords=(AUTO,),
+)
+LAMBDA_GRID = Param(
+    "lambda_grid",
+    str,
+    ", ".join(str(value) for value in PAPER_LAMBDA_GRID),
+    "With `mask_lambda: auto`: the λ values to try, as one string of numbers separated by commas. "
+    "The default is the paper's grid.",
+)
+LAMBDA_TIE_BREAK = Param(
+    "lambda_tie_break",
+    str,
+    "nearest_default",
+    "With `mask_lambda: auto`: which of several equally scoring λ to keep. \"nearest_default\" keeps the "
+    "one nearest 0.4 (the smaller of two equally near), \"first\" the first in `lambda_grid` order, as "
+    "the authors' code does.",
+    choices=TIE_BREAKS,
+)
+
+
+def parse_lambda_grid(text: str) -> tuple[float, ...]:
+    """Parse `lambda_grid`: distinct finite numbers of at least 0, separated by commas. Raise ValueError."""
+    values = []
+    for part in str(text).split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise ValueError(f"`lambda_grid` must be numbers separated by commas, such as \"0.2, 0.3, 0.4\", "
+                             f"got {text!r}") from None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"`lambda_grid` values must be finite and at least 0, got {part.strip()} in {text!r}")
+        if value in values:
+            raise ValueError(f"`lambda_grid` lists {part.strip()} twice in {text!r}; list each value once")
+        values.append(value)
+    return tuple(values)
+
+
+def choose_lambda(scores: Sequence[tuple[float, float]], *, tie_break: str = "nearest_default",
+                  default: float = DEFAULT_MASK_LAMBDA) -> float:
+    """Return the λ of the best score among (λ, score) pairs in grid order.
+
+    Of several λ with the best score, "nearest_default" keeps the one nearest `default`, and the
+    smaller of two equally near ones. "first" keeps the first in grid order.
+    """
+    if not scores:
+        raise ValueError("choose_lambda needs at least one (λ, score) pair")
+    best = max(score for _, score in scores)
+    tied = [value for value, score in scores if score == best]
+    if tie_break == "first":
+        return tied[0]
+    if tie_break != "nearest_default":
+        raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
+    # Rounded, so that grid values written in decimals (0.3 and 0.5 around 0.4) count as equally near.
+    return min(tied, key=lambda value: (round(abs(value - default), 9), value))
+
+
+def select_lambda(grid: Sequence[float], score: Callable[[float], float], *,
+                  tie_break: str = "nearest_default") -> tuple[float, list[tuple[float, float]]]:
+    """Score every λ of `grid` with `score` (higher is better); return the chosen λ and the (λ, score) pairs."""
+    scores = [(value, score(value)) for value in grid]
+    return choose_lambda(scores, tie_break=tie_break), scores
+
+
+def rebuild_task(
+    base: torch.Tensor,
+    task_tensor: torch.Tensor,
+    multi_task: torch.Tensor,
+    mask_lambda: float,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    stored_dtype: torch.dtype | None = None,
+    stored_multi_task: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Return θ₀ + m_t ⊙ τ_MTL of one tensor in `compute_dtype`, m_t from `task_tensor` at `mask_lambda`.
+
+    The mask compares τ_t = `task_tensor` − `base` with `multi_task` (τ_MTL in the compute dtype)
+    as `bundle_entry` does. The sum takes τ_MTL as the bundle stores it: `stored_multi_task` where
+    clamping to the output dtype changed it, else `multi_task`. With `stored_dtype`, θ₀ and that
+    τ_MTL are first rounded to it, so that the result equals what `merge extract` rebuilds. Only
+    chunk-sized buffers exist besides the result.
+    """
+    inputs = TaskVectors(base, [task_tensor], compute_dtype)
+    flat_tau = multi_task.reshape(-1)
+    summand = flat_tau if stored_multi_task is None else stored_multi_task.reshape(-1)
+    result = base.to(compute_dtype, copy=True).reshape(-1)
+    if stored_dtype is not None:
+        result = result.to(stored_dtype).to(compute_dtype)
+        summand = summand.to(stored_dtype)
+    for chunk in inputs.chunks():
+        mask = task_masks(chunk.deltas, flat_tau[chunk.start : chunk.stop], [mask_lambda], inputs.scratch)[0]
+        result[chunk.start : chunk.stop].addcmul_(summand[chunk.start : chunk.stop].to(compute_dtype),
+                                                  mask.to(compute_dtype))
+    return result.view(inputs.shape)
+
+
+def searched_models(targets: Sequence[MergeTarget]) -> list[int]:
+    """Return the positions of the models whose `mask_lambda` is `auto` for at least one tensor."""
+    count = len(targets[0].model_params) if targets else 0
+    return [index for index in range(count) if any(target.model_params[index]["mask_lambda"] == AUTO
+                                                   for target in targets)]
+
+
+def _check_lambda_selection(targets: Sequence[MergeTarget]) -> list[str]:
+    """Check that the λ selection settings are single values, used, and that `lambda_grid` parses."""
+    problems = []
+    for param in (LAMBDA_GRID, LAMBDA_TIE_BREAK):
+        values = {target.params[param.name] for target in targets}
+        if len(values) > 1:
+            problems.append(f"`{param.name}` varies by tensor, but it must be one value for the whole merge; "
+                            "set it once under `parameters:`")
+        elif targets and not searched_models(targets) and next(iter(values)) != param.default:
+            problems.append(f"`{param.name}` applies only with `mask_lambda: auto`, but no model's `mask_lambda` "
+                            "is auto; remove it or set `mask_lambda: auto`")
+    for grid in sorted({target.params[LAMBDA_GRID.name] for target in targets}):
+        try:
+            parse_lambda_grid(grid)
+        except ValueError as error:
+            problems.append(str(error))
+    return problems
+
+
 def packed_size(numel: int) -> int:
     """Return the number of bytes that `numel` mask entries take when packed 8 to a byte."""
     return (numel + 7) // 8
@@ -308,8 +459,11 @@ def bundle_entry(
     (1/8 byte per entry and task), only chunk-sized buffers exist.
     """
     validate_inputs(base, tensors, model_params)
-    inputs = TaskVectors(base, tensors, compute_dtype)
     lambdas = [values["mask_lambda"] for values in model_params]
+    if AUTO in lambdas:
+        raise ValueError("mask_lambda is auto for this tensor: the λ selection phase sets λ_t on the data "
+                         "before the bundle pass")
+    inputs = TaskVectors(base, tensors, compute_dtype)
     multi_task = multi_task_vector(inputs, params, model_params, statistics)
 
     packed = [torch.empty(packed_size(inputs.numel), dtype=torch.uint8, device=inputs.device) for _ in tensors]
@@ -364,6 +518,10 @@ class BundleMergeMethod(MergeMethod):
     """A merge method whose output is a multi-task bundle folder rather than one checkpoint."""
 
     output_kind: str = "bundle"
+    plan_learning: Callable[..., Any] | None = None
+    """Return the λ_t selection phase of a plan (`io.bundle.LambdaSelection`), or None without `data:`.
+    Called by the planner with (recipe, plan)."""
+    uses_data: bool = True
 
 
 def _tall_masks_statistics(targets: Sequence[MergeTarget], compute_dtype: torch.dtype) -> TrimThresholds | None:
@@ -374,7 +532,7 @@ def _tall_masks_statistics(targets: Sequence[MergeTarget], compute_dtype: torch.
 
 
 def _check_tall_masks_model(targets: Sequence[MergeTarget]) -> list[str]:
-    problems = check_inner_is_uniform(targets)
+    problems = check_inner_is_uniform(targets) + _check_lambda_selection(targets)
     per_task = {target.params["per_task_models"] for target in targets}
     if len(per_task) > 1:
         problems.append("`per_task_models` varies by tensor, but it must be one value for the whole merge; "
@@ -382,6 +540,12 @@ def _check_tall_masks_model(targets: Sequence[MergeTarget]) -> list[str]:
     if problems or not targets or targets[0].params["inner"] != "ties":
         return problems
     return check_model_scope(targets)
+
+
+def _plan_lambda_selection(recipe: Any, plan: Any) -> Any:
+    from mergekit_plus.io.bundle import plan_lambda_selection
+
+    return plan_lambda_selection(recipe, plan)
 
 
 METHOD = BundleMergeMethod(
@@ -393,8 +557,9 @@ METHOD = BundleMergeMethod(
             "rebuilds each task's model θ₀ + m_t ⊙ τ_MTL.",
     requires_base=True,
     operator=bundle_operator,
-    params=(MASK_LAMBDA, *INNER_PARAMS, PER_TASK_MODELS),
+    params=(SELECTABLE_MASK_LAMBDA, LAMBDA_GRID, LAMBDA_TIE_BREAK, *INNER_PARAMS, PER_TASK_MODELS),
     check=check_inner_params,
     check_model=_check_tall_masks_model,
     statistics=_tall_masks_statistics,
+    plan_learning=_plan_lambda_selection,
 )

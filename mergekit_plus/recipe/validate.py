@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from mergekit_plus.errors import RecipeError
 from mergekit_plus.methods import get_method, list_methods
 from mergekit_plus.methods.base import MergeMethod, Param
-from mergekit_plus.learn.data import check_data_source, task_of_model
+from mergekit_plus.learn.data import check_data_source, check_labelled_source, task_of_model
 from mergekit_plus.recipe.schema import (
     DATA_KEYS,
     MODEL_KEYS,
@@ -193,8 +193,15 @@ def check_param_value(param: Param, value: Any) -> list[str]:
             return [f"`{param.name}` takes a {param.kind.__name__}; a gradient list only works for numbers"]
         problems: list[str] = []
         for item in value:
+            if isinstance(item, str) and item in getattr(param, "keywords", ()):
+                problems.append(f"`{param.name}: {item}` cannot be part of a gradient list; give it alone")
+                continue
             problems.extend(check_scalar(param, item))
         return problems
+    # A keyword such as `mask_lambda: auto` stands for a number that the method chooses, so it is
+    # valid alone or in a filter entry, never inside a gradient list.
+    if isinstance(value, str) and value in getattr(param, "keywords", ()):
+        return []
     return check_scalar(param, value)
 
 
@@ -234,7 +241,8 @@ def check_scalar(param: Param, value: Any) -> list[str]:
             return [f"`{param.name}` must be one of {', '.join(param.choices)}, got {value!r}{hint}"]
         return []
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return [f"`{param.name}` must be a number, got {value!r}"]
+        keywords = "".join(f" or `{keyword}`" for keyword in getattr(param, "keywords", ()))
+        return [f"`{param.name}` must be a number{keywords}, got {value!r}"]
     if param.kind is int and not isinstance(value, int):
         return [f"`{param.name}` must be an integer, got {value!r}"]
     if not math.isfinite(value):
@@ -299,8 +307,16 @@ def _check_data(data: dict[str, Any], located: LocatedYaml) -> list[str]:
                             f"{hint}")
         if isinstance(entry, dict) and isinstance(entry.get("path"), str):
             problem = check_data_source(entry["path"])
+            if problem is None and getattr(method, "labelled_data", False):
+                problem = check_labelled_source(entry["path"])
             if problem is not None:
                 problems.append(f"{located.where(('data', task, 'path'))}: {problem}")
+    if not getattr(method, "data_for_every_model", True):
+        # Models without data are candidates only, but something must give the loss.
+        if not section:
+            problems.append(f"{where}: no entry; method `{method.name}` needs data for at least one task, such as "
+                            f"`{tasks[0] if tasks else 'TASK'}: {{path: FILE}}`")
+        return problems
     for task in tasks:
         if task not in section:
             problems.append(f"{where}: no entry for task `{task}`; add `{task}: {{path: FILE}}` or set the "

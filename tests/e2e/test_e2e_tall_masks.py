@@ -1,8 +1,11 @@
-"""The tall_masks bundle through the CLI: `merge run` writes it and `merge extract` rebuilds each task."""
+"""The tall_masks bundle through the CLI: `merge run` writes it, `merge extract` rebuilds each task, and
+`mask_lambda: auto` chooses λ_t on each task's labelled data."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,8 @@ import torch
 from checkpoints import build_bert_family
 from merge_helpers import assert_mentions, invoke, load_and_generate, message_of, read_tensors, write_recipe
 from safetensors.torch import save_file
-from transformers import BertForSequenceClassification
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertForSequenceClassification, PreTrainedTokenizerFast
 
 # The three task vectors of the hand-computed TALL masks: τ_MTL = Σ τ_t = [0.4, −0.4, −0.45, 0.2, 0.2, 0.07].
 TASK_VECTORS = [
@@ -250,3 +254,294 @@ def test_zoo_bundle_near_floor(tmp_path, test_zoo):
     assert storage["tasks"] == 3
     assert storage["floor"] == pytest.approx((2 + 3 / 32) / 4)
     assert abs(storage["ratio"] - storage["floor"]) <= 0.02 * storage["floor"]
+
+
+# Choosing λ_t on labelled data (`mask_lambda: auto`)
+
+PAD_ID, EOS_ID = 0, 2
+PROMPTS = ["".join(letters) for letters in itertools.product("abcdefgh", repeat=3)]
+GRID = "0.5, 1.0, 5.0"
+
+
+def generate_answers(folder: Path, prompts: list[str], tensors: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Return the greedy answers of transformers' `generate` (4 tokens at most), cut before the first EOS or pad.
+
+    With `tensors`, the model loaded from `folder` takes those weights first.
+    """
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    if tensors is not None:
+        model.load_state_dict(tensors, strict=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(prompts, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                                   eos_token_id=[EOS_ID, PAD_ID], pad_token_id=PAD_ID)
+    answers = []
+    for row in generated[:, ids.shape[1]:].tolist():
+        stop = next((index for index, token in enumerate(row) if token in (EOS_ID, PAD_ID)), len(row))
+        answers.append(tokenizer.decode(row[:stop]))
+    return answers
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def labelled_data(tmp_path_factory, llama_fine_tunes) -> dict[str, Path]:
+    """For each fine-tune, 10 prompts labelled with its own greedy answers that end with EOS and hold no special token."""
+    folder = tmp_path_factory.mktemp("tall-masks-data")
+    files = {}
+    for task, fine_tune in zip(("one", "two"), llama_fine_tunes):
+        tokenizer = AutoTokenizer.from_pretrained(fine_tune)
+        answers = generate_answers(fine_tune, PROMPTS)
+        rows = [{"prompt": prompt, "answer": answer} for prompt, answer in zip(PROMPTS, answers)
+                if len(tokenizer(answer, add_special_tokens=False)["input_ids"]) < 4 and "<" not in answer]
+        assert len(rows) >= 10, f"only {len(rows)} answers of {fine_tune} end within 4 tokens"
+        files[task] = write_rows(folder / f"{task}.jsonl", rows[:10])
+    return files
+
+
+def auto_recipe(tmp_path: Path, base: Path, fine_tunes, data: dict[str, Path] | None, **parameters) -> dict:
+    recipe = {
+        "merge_method": "tall_masks", "base_model": base,
+        "models": [{"model": fine_tunes[0], "task": "one", "parameters": {"mask_lambda": 1.0}},
+                   {"model": fine_tunes[1], "task": "two"}],
+        "parameters": {"mask_lambda": "auto", "lambda_grid": GRID, **parameters},
+        "output": {"path": tmp_path / "bundle"},
+    }
+    if data is not None:
+        recipe["data"] = {task: {"path": path, "batch_size": 4} for task, path in data.items()}
+    return recipe
+
+
+def independent_score(base: Path, fine_tunes, task: int, mask_lambda: float, data: Path) -> int:
+    """Score θ₀ + m_t ⊙ τ_MTL, written out in torch, with transformers' `generate` on the rows of `data`."""
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    tensors = expected_task(read_tensors(base), [read_tensors(path) for path in fine_tunes], task, mask_lambda)
+    answers = generate_answers(fine_tunes[task], [row["prompt"] for row in rows], tensors)
+    return sum(answer == row["answer"] for answer, row in zip(answers, rows))
+
+
+def test_auto_lambda_matches_independent_scores(tmp_path, llama_base, llama_fine_tunes, labelled_data):
+    recipe = write_recipe(tmp_path, auto_recipe(tmp_path, llama_base, llama_fine_tunes, labelled_data))
+
+    result = invoke(["run", recipe], expected_exit=0)
+
+    searched = json.loads((tmp_path / "bundle" / "bundle.json").read_text())["tasks"][1]
+    selection = searched["lambda_selection"]
+    expected = {value: independent_score(llama_base, llama_fine_tunes, 1, value, labelled_data["two"])
+                for value in (0.5, 1.0, 5.0)}
+    assert [(item["mask_lambda"], item["correct"]) for item in selection["scores"]] == list(expected.items())
+    assert len(set(expected.values())) > 1, "the grid should score differently, or the choice proves nothing"
+    best = max(expected.values())
+    chosen = min((value for value, score in expected.items() if score == best), key=lambda value: abs(value - 0.4))
+    assert selection["mask_lambda"] == chosen
+    assert searched["mask_lambda"] == chosen
+    assert selection["searched"]
+    assert selection["examples"] == 10
+    assert_mentions(message_of(result), r"λ_t per task, scored by exact match of the greedy answer",
+                    rf"llama-fine-tune-2 .* {chosen} ", r"llama-fine-tune-1 .* 1\.0 \(given\)")
+
+
+def test_fixed_lambda_scored_on_data(tmp_path, llama_base, llama_fine_tunes, labelled_data):
+    recipe = write_recipe(tmp_path, auto_recipe(tmp_path, llama_base, llama_fine_tunes, labelled_data))
+    invoke(["run", recipe], expected_exit=0)
+
+    record = json.loads((tmp_path / "bundle" / "bundle.json").read_text())["tasks"][0]
+
+    assert record["mask_lambda"] == 1.0
+    assert not record["lambda_selection"]["searched"]
+    score = independent_score(llama_base, llama_fine_tunes, 0, 1.0, labelled_data["one"])
+    assert record["lambda_selection"]["scores"] == [{"mask_lambda": 1.0, "correct": score, "accuracy": score / 10}]
+
+
+def test_chosen_lambda_builds_mask(tmp_path, llama_base, llama_fine_tunes, labelled_data):
+    recipe = write_recipe(tmp_path, auto_recipe(tmp_path, llama_base, llama_fine_tunes, labelled_data))
+    invoke(["run", recipe], expected_exit=0)
+    chosen = json.loads((tmp_path / "bundle" / "bundle.json").read_text())["tasks"][1]["mask_lambda"]
+
+    invoke(["extract", tmp_path / "bundle", "--task", "llama-fine-tune-2", "-o", tmp_path / "task"], expected_exit=0)
+
+    expected = expected_task(read_tensors(llama_base), [read_tensors(path) for path in llama_fine_tunes], 1, chosen)
+    rebuilt = read_tensors(tmp_path / "task")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(rebuilt[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_auto_lambda_with_ties_inner(tmp_path, llama_base, llama_fine_tunes, labelled_data):
+    """With `inner: ties`, the whole-model trim thresholds reach the selection as they reach the bundle pass."""
+    recipe = write_recipe(tmp_path, auto_recipe(tmp_path, llama_base, llama_fine_tunes, labelled_data, inner="ties",
+                                                density=0.5))
+    invoke(["run", recipe, "--quiet"], expected_exit=0)
+    selection = json.loads((tmp_path / "bundle" / "bundle.json").read_text())["tasks"][1]["lambda_selection"]
+    invoke(["extract", tmp_path / "bundle", "--task", "llama-fine-tune-2", "-o", tmp_path / "task"], expected_exit=0)
+
+    rows = [json.loads(line) for line in labelled_data["two"].read_text().splitlines()]
+    answers = generate_answers(tmp_path / "task", [row["prompt"] for row in rows])
+
+    correct = sum(answer == row["answer"] for answer, row in zip(answers, rows))
+    assert [item["correct"] for item in selection["scores"] if item["mask_lambda"] == selection["mask_lambda"]] == [correct]
+
+
+def test_plan_describes_bundle(tmp_path, llama_base, llama_fine_tunes, labelled_data):
+    recipe = write_recipe(tmp_path, auto_recipe(tmp_path, llama_base, llama_fine_tunes, labelled_data,
+                                                per_task_models=True))
+
+    text = message_of(invoke(["plan", recipe], expected_exit=0))
+    summary = json.loads(invoke(["plan", recipe, "--json"], expected_exit=0).stdout)
+
+    assert_mentions(text, r"a tall_masks bundle, not a checkpoint", r"tau/NAME: τ_MTL, \d+ tensors",
+                    r"mask/TASK/NAME: 2 bit-packed masks, 1 bit per entry, for llama-fine-tune-1, llama-fine-tune-2",
+                    r"bundle\.json \(the manifest\)", r"models/TASK/: 2 rebuilt task models",
+                    r"storage estimate: the bundle's tensors take 0\.\d{4} of the 3 input checkpoints",
+                    r"llama-fine-tune-1 given, 1\.0; scored by exact match of the greedy answer on .*one\.jsonl \(10 examples\)",
+                    r"llama-fine-tune-2 chosen from 0\.5, 1\.0, 5\.0 by exact match of the greedy answer on .*two\.jsonl "
+                    r"\(10 examples\)", r"the one nearest 0\.4 is kept")
+    bundle = summary["bundle"]
+    assert [task["mask_lambda"] for task in bundle["tasks"]] == [1.0, "auto"]
+    assert bundle["lambda_grid"] == [0.5, 1.0, 5.0]
+    assert bundle["per_task_models"]
+    assert summary["total_bytes"] == bundle["weight_bytes"] + sum(bundle["task_model_bytes"])
+
+    written = json.loads(invoke(["run", recipe, "--json", "--quiet"], expected_exit=0).stdout)
+    assert written["total_bytes"] == bundle["weight_bytes"]
+    assert written["storage"]["ratio"] == pytest.approx(bundle["storage"]["ratio"])
+    assert [task["name"] for task in written["tasks"]] == ["llama-fine-tune-1", "llama-fine-tune-2"]
+
+
+def test_plan_of_given_lambdas_without_data(tmp_path, llama_base, llama_fine_tunes):
+    recipe = write_recipe(tmp_path, {
+        "merge_method": "tall_masks", "base_model": llama_base,
+        "models": [{"model": path, "parameters": {"mask_lambda": 0.3}} for path in llama_fine_tunes],
+        "output": {"path": tmp_path / "bundle"}})
+
+    text = message_of(invoke(["plan", recipe], expected_exit=0))
+
+    assert_mentions(text, r"llama-fine-tune-1 given, 0\.3 llama-fine-tune-2 given, 0\.3")
+    assert "chosen from" not in text
+
+
+def invalid_rows(tmp_path: Path) -> Path:
+    return write_rows(tmp_path / "bad.jsonl", [{"prompt": "abc", "answer": "d"}, {"prompt": "abd"}])
+
+
+@pytest.mark.parametrize(("case", "exit_code", "patterns"), [
+    ("no data", 1, [r"`mask_lambda: auto` chooses λ_t on each task's labelled data, but the recipe has no `data:`",
+                    r"`one`, `two`"]),
+    ("missing file", 1, [r"data\.two\.path \(line \d+\): data file .*nope\.jsonl not found"]),
+    ("empty file", 1, [r"data\.two\.path \(line \d+\): data file .*empty\.jsonl is empty"]),
+    ("row without answer", 2, [r"bad\.jsonl:2: expected a string \"answer\"",
+                               r"fix: write one JSON object per line with a string \"prompt\" and a string \"answer\""]),
+    ("grid without auto", 1, [r"`lambda_grid` applies only with `mask_lambda: auto`"]),
+    ("bad grid", 1, [r"`lambda_grid` must be numbers separated by commas, such as \"0\.2, 0\.3, 0\.4\", got '0\.5, x'"]),
+    ("auto in gradient", 1, [r"`mask_lambda: auto` cannot be part of a gradient list; give it alone"]),
+    ("typo", 1, [r"`mask_lambda` must be a number or `auto`, got 'autp'"]),
+])
+def test_selection_recipe_errors(tmp_path, llama_base, llama_fine_tunes, labelled_data, case, exit_code, patterns):
+    data = dict(labelled_data)
+    recipe = auto_recipe(tmp_path, llama_base, llama_fine_tunes, data)
+    if case == "no data":
+        recipe.pop("data")
+    elif case == "missing file":
+        recipe["data"]["two"]["path"] = tmp_path / "nope.jsonl"
+    elif case == "empty file":
+        recipe["data"]["two"]["path"] = write_rows(tmp_path / "empty.jsonl", [])
+    elif case == "row without answer":
+        recipe["data"]["two"]["path"] = invalid_rows(tmp_path)
+    elif case == "grid without auto":
+        recipe["parameters"]["mask_lambda"] = 0.4
+        recipe.pop("data")
+    elif case == "bad grid":
+        recipe["parameters"]["lambda_grid"] = "0.5, x"
+    elif case == "auto in gradient":
+        recipe["parameters"]["mask_lambda"] = [0.2, "auto"]
+    elif case == "typo":
+        recipe["parameters"]["mask_lambda"] = "autp"
+    path = write_recipe(tmp_path, recipe)
+
+    for command in (["validate", path], ["run", path]):
+        text = message_of(invoke(command, expected_exit=exit_code))
+        assert_mentions(text, *patterns)
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_consensus_rejects_auto(tmp_path, llama_base, llama_fine_tunes):
+    recipe = write_recipe(tmp_path, {
+        "merge_method": "consensus", "base_model": llama_base, "models": [{"model": path} for path in llama_fine_tunes],
+        "parameters": {"mask_lambda": "auto"}, "output": {"path": tmp_path / "merged"}})
+
+    result = invoke(["validate", recipe], expected_exit=1)
+
+    assert_mentions(message_of(result), r"`mask_lambda` must be a number, got 'auto'")
+
+
+def bert_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `w0` … `w59` for the tiny BERT (vocabulary 64), adding [CLS] and [SEP]."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"w{index}" for index in range(60)]
+    backend = Tokenizer(models.WordLevel({word: index for index, word in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+
+
+def test_classifier_lambda_scored_with_own_head(tmp_path, bert_family):
+    fine_tunes = [shutil.copytree(bert_family[name], tmp_path / name) for name in ("ft-1", "ft-2")]
+    tokenizer = bert_tokenizer()
+    for folder in fine_tunes:
+        tokenizer.save_pretrained(folder)
+    texts = [" ".join(f"w{(7 * row + 3 * word) % 60}" for word in range(2 + row % 5)) for row in range(16)]
+    data = {name: write_rows(tmp_path / f"{name}.jsonl", [{"text": text, "label": row % labels}
+                                                          for row, text in enumerate(texts)])
+            for name, labels in (("one", 2), ("two", 3))}
+    recipe = write_recipe(tmp_path, {
+        "merge_method": "tall_masks", "base_model": bert_family["base"],
+        "models": [{"model": fine_tunes[0], "task": "one"}, {"model": fine_tunes[1], "task": "two"}],
+        "parameters": {"mask_lambda": "auto", "lambda_grid": "0.0, 1.0"},
+        "data": {task: {"path": path} for task, path in data.items()}, "output": {"path": tmp_path / "bundle"}})
+
+    invoke(["run", recipe, "--quiet"], expected_exit=0)
+
+    selection = json.loads((tmp_path / "bundle" / "bundle.json").read_text())["tasks"][1]["lambda_selection"]
+    assert selection["metric"] == "accuracy"
+    invoke(["extract", tmp_path / "bundle", "--task", "ft-2", "-o", tmp_path / "task"], expected_exit=0)
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "task").eval()
+    with torch.no_grad():
+        predictions = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.argmax(-1).tolist()
+    correct = sum(prediction == row % 3 for row, prediction in enumerate(predictions))
+    assert [item["correct"] for item in selection["scores"] if item["mask_lambda"] == selection["mask_lambda"]] == [correct]
+
+
+def test_classifier_label_out_of_range(tmp_path, bert_family):
+    fine_tunes = [shutil.copytree(bert_family[name], tmp_path / name) for name in ("ft-1", "ft-2")]
+    for folder in fine_tunes:
+        bert_tokenizer().save_pretrained(folder)
+    data = {"one": write_rows(tmp_path / "one.jsonl", [{"text": "w1 w2", "label": 1}]),
+            "two": write_rows(tmp_path / "two.jsonl", [{"text": "w1 w2", "label": 3}])}
+    recipe = write_recipe(tmp_path, {
+        "merge_method": "tall_masks", "base_model": bert_family["base"],
+        "models": [{"model": fine_tunes[0], "task": "one"}, {"model": fine_tunes[1], "task": "two"}],
+        "parameters": {"mask_lambda": "auto"}, "data": {task: {"path": path} for task, path in data.items()},
+        "output": {"path": tmp_path / "bundle"}})
+
+    result = invoke(["validate", recipe], expected_exit=2)
+
+    assert_mentions(message_of(result), r"two\.jsonl:1: label 3 is not a label of the classifier, which has labels 0 to 2")
+
+
+def test_generic_scorer_matches_zoo_accuracy(test_zoo):
+    """The scorer that `merge eval` and the λ selection share gives the zoo builder's own accuracies."""
+    from mergekit_plus.zoo.evaluate import CAUSAL_LM, load_causal_lm, read_labelled_examples, score_examples
+    from mergekit_plus.zoo.lm import accuracy
+
+    family = json.loads((test_zoo / "zoo.json").read_text())["families"]["lm"]
+    tokenizer = AutoTokenizer.from_pretrained(test_zoo / family["base"])
+    for task, folder in family["fine_tunes"].items():
+        network = load_causal_lm(test_zoo / folder)
+        examples = read_labelled_examples(test_zoo / family["eval_data"][task], CAUSAL_LM)
+        score = score_examples(network, tokenizer, examples, kind=CAUSAL_LM)
+        assert score.accuracy == accuracy(network, examples), task
+        assert score.accuracy == family["accuracy"]["fine_tunes"][task], task
