@@ -424,7 +424,7 @@ def build_encoder_family(folder: Path, settings: EncoderSettings, log: Callable[
     #    transformers version writes.
     base = _load_bare_encoder(source)
     base.save_pretrained(folder / "base")
-    tokenizer.save_pretrained(folder / "base")
+    _save_tokenizer(tokenizer, folder / "base")
     base_state = {name: tensor.clone() for name, tensor in base.state_dict().items()}
     log(f"encoder: wrote the base ({SOURCE_MODEL}) to {folder / 'base'}")
 
@@ -452,7 +452,7 @@ def build_encoder_family(folder: Path, settings: EncoderSettings, log: Callable[
         model, losses = fine_tune(base_state, base.config, tokenizer, spec, train, settings)
         output = folder / f"ft-{task}"
         model.save_pretrained(output)
-        tokenizer.save_pretrained(output)
+        _save_tokenizer(tokenizer, output)
         manifest["fine_tunes"][task] = f"{prefix}/ft-{task}"
         manifest["eval_data"][task] = f"{prefix}/data/{task}/eval.jsonl"
         manifest["labels"][task] = list(spec.labels)
@@ -473,6 +473,19 @@ def build_encoder_family(folder: Path, settings: EncoderSettings, log: Callable[
         log(f"encoder: {task} accuracy {manifest['accuracy']['base'][task]:.3f} with the base encoder, "
             f"{manifest['accuracy']['fine_tunes'][task]:.3f} fine-tuned")
     return manifest
+
+
+def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """Save the tokenizer without the loading options that the environment chose.
+
+    transformers records `local_files_only` in tokenizer_config.json when HF_HUB_OFFLINE is set, so
+    without this the files of a build would depend on that variable.
+    """
+    tokenizer.save_pretrained(folder)
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.pop("local_files_only", None) is not None:
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def fine_tune(base_state: dict[str, torch.Tensor], config: Any, tokenizer: Any, task: Task,
