@@ -30,7 +30,7 @@ from mergekit_plus.io.sidefiles import (
     is_adapter_folder,
     read_adapter_config,
 )
-from mergekit_plus.io.sources import ModelSource, resolve_source
+from mergekit_plus.io.sources import ModelSource, looks_like_hub_id, resolve_source
 from mergekit_plus.io.vocab import read_vocabulary
 from mergekit_plus.io.writer import CheckpointLayout, PlannedTensor, StagedOutput, plan_layout, plan_single_file
 from mergekit_plus.methods import get_method
@@ -223,14 +223,22 @@ def build_plan(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
 
     # 2. Inputs: resolve every source and read every header, reporting all broken inputs together.
     base, models, tokenizer_source = _open_inputs(recipe)
-    adapter = _adapter_source(recipe, method, base, models)
+    folds_adapter = getattr(method, "folds_adapter", None)
+    folding = folds_adapter is not None and folds_adapter(recipe)
+    adapter = _adapter_source(recipe, method, base, models, folding=folding)
+    fold_base = None
+    if adapter is not None and folding:
+        # The adapter tensors are averaged among themselves as without `fold`. The base, the recipe's
+        # or else the one that the adapter config names, only receives the averaged update.
+        fold_base = base if base is not None else _open_adapter_base(models[0])
+        base = None
     fill_model_parameters = getattr(method, "fill_model_parameters", None)
     if fill_model_parameters is not None:
         # Per-model values that the inputs' own files provide (MWA's training metrics), before any tensor is planned.
         recipe = fill_model_parameters(recipe, [(m.index, m.source.label, m.source.folder) for m in models])
     if output_path is not None:
-        _check_output_is_not_an_input(output_path, [i.source for i in (base, *models) if i is not None])
-    _check_not_quantized([i for i in (base, *models) if i is not None])
+        _check_output_is_not_an_input(output_path, [i.source for i in (base, fold_base, *models) if i is not None])
+    _check_not_quantized([i for i in (base, fold_base, *models) if i is not None])
 
     # 3. Tensors: the output keeps the reference's tensors, less heads that the config ties.
     reference = base if base is not None else models[0]
@@ -265,16 +273,19 @@ def build_plan(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
                 compute_dtype=compute_dtype, out_dtype=out_dtype, output=output_path, staged=staged,
                 config=config, peak_bytes_estimate=peak_bytes, statistics=statistics,
                 adapter=adapter)
+    if folding:
+        plan = method.plan_fold(recipe, plan, fold_base)
+        jobs, dropped, layout, peak_bytes = plan.jobs, plan.dropped, plan.layout, plan.peak_bytes_estimate
     plan_learning = getattr(method, "plan_learning", None)
     if plan_learning is not None:
         learning = plan_learning(recipe, plan)
         if learning is not None:
-            # The learning phase keeps the whole base and every task vector in memory, far more than
-            # the streamed tensors.
+            # A learning phase keeps whole models in memory (AdaMerging the base and every task vector),
+            # far more than the streamed tensors.
             plan = replace(plan, learning=learning,
                            peak_bytes_estimate=max(peak_bytes, learning.memory_bytes))
-            logger.info("%s learns its coefficients before the merge, holding about %s of base and task vectors",
-                        method.name, format_size(learning.memory_bytes))
+            logger.info("%s learns before the merge, holding about %s of %s", method.name,
+                        format_size(learning.memory_bytes), getattr(learning, "memory_contents", "base and task vectors"))
     logger.info("planned %d tensors (%d dropped) into %d file(s), %s; tensors in flight need about %s",
                 len(jobs), len(dropped), len(layout.shards), format_size(layout.total_size),
                 format_size(plan.peak_bytes_estimate))
@@ -408,11 +419,12 @@ def _open_inputs(recipe: Recipe) -> tuple[InputModel | None, list[InputModel], M
 
 
 def _adapter_source(recipe: Recipe, method: MergeMethod, base: InputModel | None,
-                    models: list[InputModel]) -> ModelSource | None:
+                    models: list[InputModel], *, folding: bool = False) -> ModelSource | None:
     """Return the first model's source when the models are PEFT adapters of one base, else None.
 
-    Adapter tensors are merged among themselves, so a base model, a mix of adapters and full
-    checkpoints, or adapters of different shapes or bases are rejected here.
+    Adapter tensors are merged among themselves, so a base model (unless `folding`, where it is the
+    model that receives the merged adapter), a mix of adapters and full checkpoints, or adapters of
+    different shapes or bases are rejected here.
     """
     adapters = [model for model in models if is_adapter_folder(model.source.folder)]
     if not adapters:
@@ -422,10 +434,11 @@ def _adapter_source(recipe: Recipe, method: MergeMethod, base: InputModel | None
         full = next(model for model in models if model not in adapters)
         raise InputError(f"{adapters[0].label} is a PEFT adapter but {full.label} is a full checkpoint; "
                          "the inputs must all be adapters or all full checkpoints", hint=hint)
-    if base is not None:
+    if base is not None and not folding:
         raise InputError(f"the models are PEFT adapters, which `{method.name}` cannot merge with base_model "
                          f"{base.source.label}: adapter tensors are averaged among themselves",
-                         hint="remove `base_model` and use a method without a base model (mwa or linear)")
+                         hint="remove `base_model` and use a method without a base model (mwa or linear), or "
+                              "set `fold: true` under an `mwa` merge's parameters to fold the result into it")
     configs = [read_adapter_config(model.source.folder) for model in models]
     reference_base = adapter_base_path(models[0].source.folder, configs[0])
     for model, config in zip(models[1:], configs[1:]):
@@ -440,6 +453,31 @@ def _adapter_source(recipe: Recipe, method: MergeMethod, base: InputModel | None
         raise InputError(f"{models[0].label} is a {configs[0].get('peft_type')!r} adapter; only LoRA adapters "
                          "are supported", hint=hint)
     return models[0].source
+
+
+def _open_adapter_base(adapter: InputModel) -> InputModel:
+    """Open the base model that a PEFT adapter's config names, to fold a merged adapter into.
+
+    A relative `base_model_name_or_path` is resolved from the adapter's folder (the zoo writes
+    `../../base`). Raise InputError when the config names no base or the base cannot be found.
+    """
+    folder = adapter.source.folder
+    config = read_adapter_config(folder)
+    named = config.get("base_model_name_or_path")
+    reference = adapter_base_path(folder, config)
+    hint = "set `base_model:` in the recipe to the folder or Hub repo of the base the adapters were trained on"
+    if reference is None:
+        raise InputError(f"cannot fold the merged adapter: {adapter.label} names no base model (its "
+                         "adapter_config.json has no `base_model_name_or_path`)", hint=hint)
+    if reference == named and not Path(named).is_absolute() and not looks_like_hub_id(named):
+        raise InputError(f"cannot fold the merged adapter: {adapter.label} names the base model {named!r}, "
+                         f"which is not a folder relative to {folder}", hint=hint)
+    try:
+        source = resolve_source(reference, config.get("revision"))
+        return InputModel("base", -1, source, CheckpointReader(source))
+    except InputError as exc:
+        raise InputError(f"cannot fold the merged adapter into {named!r}, the base model that {adapter.label} "
+                         f"names: {exc.message}", hint=hint) from exc
 
 
 def _adapter_layout(recipe: Recipe, tensors: list[PlannedTensor]) -> CheckpointLayout:

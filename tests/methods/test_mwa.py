@@ -1,4 +1,5 @@
-"""Tests of Metrics-Weighted Averaging: the weight formula, the operator, and the metrics read from trainer state."""
+"""Tests of Metrics-Weighted Averaging: the weightings, the operator, folding an adapter, and the metrics read
+from trainer state."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from mergekit_plus.methods.mwa import (
     METHOD,
     check,
     check_model,
+    fold_config_problems,
+    lora_modules,
+    lora_scaling,
     metric_value_problems,
     mwa_weights,
     read_trainer_metric,
@@ -35,10 +39,22 @@ def model_params(metric: str, values) -> list[dict]:
     return [{metric: value, other: None} for value in values]
 
 
-def merge(tensors, metric, penalty, values, compute_dtype=torch.float32):
+def params(metric: str = "loss", penalty: float = 1.0, weighting: str = "power", **extra) -> dict:
+    """Return the global parameters as the planner resolves them, every default filled in."""
+    return {"metric": metric, "penalty": penalty, "weighting": weighting, "fold": False, **extra}
+
+
+def merge(tensors, metric, penalty, values, compute_dtype=torch.float32, weighting="power"):
     """Call the operator the way the planner does, with every parameter filled in."""
-    return METHOD.operator(None, tensors, params={"metric": metric, "penalty": penalty},
+    return METHOD.operator(None, tensors, params=params(metric, penalty, weighting),
                            model_params=model_params(metric, values), seeds=[0] * len(tensors),
+                           compute_dtype=compute_dtype)
+
+
+def fold(base, factors, values, *, scaling, transposed=False, compute_dtype=torch.float32):
+    """Call the operator on a fold job: the base weight, then every lora_A, then every lora_B."""
+    return METHOD.operator(base, factors, params=params(fold=True, lora_scaling=scaling, lora_transposed=transposed),
+                           model_params=model_params("loss", values), seeds=[0] * len(values),
                            compute_dtype=compute_dtype)
 
 
@@ -54,6 +70,9 @@ def test_mwa_declaration():
     assert METHOD.param("metric").choices == ("loss", "step")
     assert METHOD.param("metric").default == "loss"
     assert METHOD.param("penalty").default == 1.0
+    assert METHOD.param("weighting").choices == ("power", "exponential")
+    assert METHOD.param("weighting").default == "power"
+    assert METHOD.param("fold").default is False
     assert METHOD.param("loss").per_model
     assert METHOD.param("step").per_model
 
@@ -91,6 +110,32 @@ def test_weights_sum_to_one():
     weights = mwa_weights("loss", 3.0, [0.9, 0.7, 0.65, 0.64])
     assert math.fsum(weights) == pytest.approx(1.0, abs=1e-15)
     assert weights == sorted(weights)
+
+
+def test_exponential_weights_hand_computed():
+    # p = 1 on losses 1 and 2: w ∝ [e⁻¹, e⁻²], normalised: [1, e⁻¹] / (1 + e⁻¹).
+    weights = mwa_weights("loss", 1.0, [1.0, 2.0], weighting="exponential")
+    assert weights == pytest.approx([1 / (1 + math.exp(-1)), math.exp(-1) / (1 + math.exp(-1))], abs=1e-15)
+
+
+def test_exponential_weights_shift_invariant():
+    # exp(−p·L) depends only on loss differences, so losses may be 0 or negative.
+    shifted = mwa_weights("loss", 2.0, [-1.0, 0.0, 0.5], weighting="exponential")
+    assert shifted == pytest.approx(mwa_weights("loss", 2.0, [9.0, 10.0, 10.5], weighting="exponential"), abs=1e-15)
+    assert shifted[0] == pytest.approx(1 / (1 + math.exp(-2) + math.exp(-3)), abs=1e-15)
+
+
+def test_exponential_operator_applies_weights():
+    merged = merge(TENSORS[:2], "loss", math.log(3), [1.0, 2.0], weighting="exponential")
+    # exp(−ln 3 · L) = [1/3, 1/9], normalised: [3/4, 1/4].
+    torch.testing.assert_close(merged, 0.75 * TENSORS[0] + 0.25 * TENSORS[1], rtol=0, atol=1e-7)
+
+
+def test_exponential_step_rejected():
+    expected = r"`weighting: exponential` is defined for `metric: loss` only"
+    with pytest.raises(ValueError, match=expected):
+        mwa_weights("step", 1.0, [10, 20], weighting="exponential")
+    assert re.match(expected, check(params("step", weighting="exponential"), model_params("step", [10, 20]))[0])
 
 
 def test_large_penalty_selects_best_checkpoint():
@@ -139,22 +184,22 @@ def test_invalid_metric_values(metric, values, expected):
 
 
 def test_check_rejects_unused_metric_value():
-    params = [{"loss": 1.0, "step": 10}, {"loss": 2.0, "step": None}]
-    problems = check({"metric": "loss", "penalty": 1.0}, params)
+    values = [{"loss": 1.0, "step": 10}, {"loss": 2.0, "step": None}]
+    problems = check(params("loss"), values)
     assert problems == ["`step` is set but `metric: loss` weights by loss; remove `step` or set `metric: step`"]
 
 
 def test_check_accepts_valid_metrics():
-    assert check({"metric": "step", "penalty": 1.0}, model_params("step", [10, 20])) == []
+    assert check(params("step"), model_params("step", [10, 20])) == []
 
 
 def test_check_model_requires_one_weight_set():
     same = model_params("loss", [1.0, 2.0])
     other = model_params("loss", [1.0, 3.0])
-    params = {"metric": "loss", "penalty": 1.0}
-    targets = [MergeTarget("a", params, tuple(same), (1, 1)), MergeTarget("b", params, tuple(same), (1, 1))]
+    shared = params("loss")
+    targets = [MergeTarget("a", shared, tuple(same), (1, 1)), MergeTarget("b", shared, tuple(same), (1, 1))]
     assert check_model(targets) == []
-    targets.append(MergeTarget("c", params, tuple(other), (1, 1)))
+    targets.append(MergeTarget("c", shared, tuple(other), (1, 1)))
     assert len(check_model(targets)) == 1
     assert "tensor c differ from those of a" in check_model(targets)[0]
 
@@ -232,3 +277,138 @@ def test_fill_rejects_penalty_list(tmp_path):
     recipe = recipe_for([tmp_path], {"penalty": [0.0, 1.0]}, [{"loss": 1.0}])
     with pytest.raises(RecipeError, match=r"`penalty` takes one value"):
         METHOD.fill_model_parameters(recipe, [(0, "m", tmp_path)])
+
+
+def test_fill_rejects_exponential_step(tmp_path):
+    recipe = recipe_for([tmp_path], {"metric": "step", "weighting": "exponential"}, [{"step": 3}])
+    with pytest.raises(RecipeError, match=r"`weighting: exponential` is defined for `metric: loss` only"):
+        METHOD.fill_model_parameters(recipe, [(0, "m", tmp_path)])
+
+
+def test_fill_rejects_fold_list(tmp_path):
+    recipe = recipe_for([tmp_path], {"fold": [True, False]}, [{"loss": 1.0}])
+    with pytest.raises(RecipeError, match=r"`fold` takes one value"):
+        METHOD.fill_model_parameters(recipe, [(0, "m", tmp_path)])
+
+
+# Folding: W + s·B̄Ā with Ā = Σ wᵢ Aᵢ and B̄ = Σ wᵢ Bᵢ. Losses 1 and 3 at p = 1 give w = [3/4, 1/4].
+FOLD_BASE = torch.tensor([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])
+FOLD_A = [torch.tensor([[1.0, 0.0, 2.0]]), torch.tensor([[1.0, 4.0, -2.0]])]  # Ā = [[1, 1, 1]]
+FOLD_B = [torch.tensor([[2.0], [0.0]]), torch.tensor([[2.0], [4.0]])]  # B̄ = [[2], [1]]
+
+
+def test_fold_hand_computed():
+    # s·B̄Ā = 0.5 · [[2, 2, 2], [1, 1, 1]].
+    folded = fold(FOLD_BASE, FOLD_A + FOLD_B, [1.0, 3.0], scaling=0.5)
+    expected = torch.tensor([[1.0, 2.0, 3.0], [3.5, 4.5, 5.5]])
+    torch.testing.assert_close(folded, expected, rtol=0, atol=1e-7)
+
+
+def test_fold_transposed_weight():
+    # Embeddings and Conv1D store W as (in, out), so the update is (B̄Ā)ᵀ.
+    folded = fold(FOLD_BASE.T.contiguous(), FOLD_A + FOLD_B, [1.0, 3.0], scaling=0.5, transposed=True)
+    expected = torch.tensor([[1.0, 2.0, 3.0], [3.5, 4.5, 5.5]]).T
+    torch.testing.assert_close(folded, expected, rtol=0, atol=1e-7)
+
+
+def test_fold_without_factors_converts_base():
+    base = FOLD_BASE.to(torch.bfloat16)
+    folded = fold(base, [], [1.0, 3.0], scaling=0.5)
+    assert folded.dtype == torch.float32
+    torch.testing.assert_close(folded, FOLD_BASE, rtol=0, atol=0)
+    folded.add_(1.0)
+    assert torch.equal(base, FOLD_BASE.to(torch.bfloat16))
+
+
+def test_fold_keeps_inputs_unchanged():
+    inputs = [FOLD_BASE, *FOLD_A, *FOLD_B]
+    copies = [tensor.clone() for tensor in inputs]
+    fold(FOLD_BASE, FOLD_A + FOLD_B, [1.0, 3.0], scaling=2.0)
+    for tensor, copy in zip(inputs, copies):
+        assert torch.equal(tensor, copy)
+
+
+def test_fold_into_stored_base_layer():
+    # peft loads the adapters' stored copies of a targeted embedding over the base's, so their
+    # average replaces W: here 3/4 · W + 1/4 · 3W = 1.5 W.
+    stored = [FOLD_BASE, 3 * FOLD_BASE]
+    folded = fold(None, FOLD_A + FOLD_B + stored, [1.0, 3.0], scaling=0.5)
+    expected = 1.5 * FOLD_BASE + torch.tensor([[1.0, 1.0, 1.0], [0.5, 0.5, 0.5]])
+    torch.testing.assert_close(folded, expected, rtol=0, atol=1e-6)
+
+
+def test_fold_rejects_unpaired_factors():
+    with pytest.raises(ValueError, match=r"one lora_A and one lora_B factor per model: got 3 tensors for 2 models"):
+        fold(FOLD_BASE, FOLD_A + FOLD_B[:1], [1.0, 3.0], scaling=1.0)
+
+
+LORA_CONFIG = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "use_rslora": False, "rank_pattern": {},
+               "alpha_pattern": {}, "fan_in_fan_out": False, "bias": "none", "use_dora": False,
+               "init_lora_weights": True}
+
+
+@pytest.mark.parametrize(("overrides", "module", "expected"), [
+    ({}, "model.layers.0.self_attn.q_proj", (8, 2.0)),
+    ({"use_rslora": True}, "model.layers.0.self_attn.q_proj", (8, 16 / math.sqrt(8))),
+    ({"rank_pattern": {"q_proj": 4}}, "model.layers.0.self_attn.q_proj", (4, 4.0)),
+    ({"rank_pattern": {"q_proj": 4}}, "model.layers.0.self_attn.k_proj", (8, 2.0)),
+    # A pattern matches whole trailing name components: `proj` is no match for `q_proj`.
+    ({"rank_pattern": {"proj": 4}}, "model.layers.0.self_attn.q_proj", (8, 2.0)),
+    ({"alpha_pattern": {r"layers\.1\..*": 4}}, "model.layers.1.mlp.up_proj", (8, 0.5)),
+    ({"rank_pattern": {"up_proj": 4}, "alpha_pattern": {"up_proj": 2}, "use_rslora": True},
+     "model.layers.1.mlp.up_proj", (4, 1.0)),
+])
+def test_lora_scaling(overrides, module, expected):
+    assert lora_scaling({**LORA_CONFIG, **overrides}, module) == pytest.approx(expected, abs=1e-15)
+
+
+def test_lora_modules_groups_factors():
+    names = ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+             "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+             "base_model.model.model.embed_tokens.lora_embedding_A",
+             "base_model.model.model.embed_tokens.lora_embedding_B"]
+    modules, problems = lora_modules(LORA_CONFIG, names)
+    assert problems == []
+    by_weight = {module.weight: module for module in modules}
+    assert sorted(by_weight) == ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"]
+    assert by_weight["model.layers.0.self_attn.q_proj.weight"].lora_a == names[0]
+    assert by_weight["model.layers.0.self_attn.q_proj.weight"].transposed is False
+    assert by_weight["model.embed_tokens.weight"].lora_b == names[3]
+    assert by_weight["model.embed_tokens.weight"].transposed is True
+    assert by_weight["model.embed_tokens.weight"].stored_weight is None
+    stored, _ = lora_modules(LORA_CONFIG, [*names[2:], "base_model.model.model.embed_tokens.base_layer.weight"])
+    assert stored[0].stored_weight == "base_model.model.model.embed_tokens.base_layer.weight"
+    conv1d, _ = lora_modules({**LORA_CONFIG, "fan_in_fan_out": True}, names[:2])
+    assert conv1d[0].transposed is True
+
+
+def test_lora_modules_reports_other_tensors():
+    names = ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+             "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
+             "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"]
+    modules, problems = lora_modules(LORA_CONFIG, names)
+    assert modules == []
+    assert problems == [
+        "tensor base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector is not a lora_A or lora_B "
+        "factor of a linear or embedding layer",
+        "module model.layers.0.self_attn.q_proj has no lora_B tensor",
+        "module model.layers.0.self_attn.v_proj has no lora_A tensor",
+    ]
+
+
+def test_fold_config_accepts_plain_lora():
+    assert fold_config_problems(LORA_CONFIG) == []
+    assert fold_config_problems({**LORA_CONFIG, "init_lora_weights": "gaussian", "modules_to_save": None}) == []
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"use_dora": True}, "`use_dora: true` (DoRA magnitude vectors)"),
+    ({"bias": "all"}, "`bias: all` (trained biases of the base layers)"),
+    ({"modules_to_save": ["lm_head"]}, "`modules_to_save` is set (fully trained modules)"),
+    ({"init_lora_weights": "pissa"}, "`init_lora_weights: pissa` may change the base weights"),
+    ({"init_lora_weights": "pissa_niter_4"}, "`init_lora_weights: pissa_niter_4` may change the base weights"),
+])
+def test_fold_config_problems(overrides, expected):
+    problems = fold_config_problems({**LORA_CONFIG, **overrides})
+    assert len(problems) == 1
+    assert problems[0].startswith(expected)
