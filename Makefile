@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned to the CPU build that CI installs; a bare `torch` can pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test bench bench-quality clean
+.PHONY: install demo test bench bench-quality bench-tall clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ bench: install
 
 bench-quality: install
 	$(BIN)/python benchmarks/quality.py
+
+# TALL-mask reconstructions of the bench zoo's fine-tunes, with lambda chosen on each task's train split.
+bench-tall: install
+	$(BIN)/merge zoo build --size bench
+	$(BIN)/python benchmarks/tall_masks.py
 
 clean:
 	rm -rf build .pytest_cache

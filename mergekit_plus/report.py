@@ -47,6 +47,16 @@ def plan_summary(plan: Plan, *, with_tensors: bool = False) -> dict[str, Any]:
         summary["bundle"] = bundle
         summary["shards"] = bundle["shards"]
         summary["total_bytes"] = bundle["total_bytes"]
+    if getattr(plan.method, "output_kind", "checkpoint") == "moe":
+        from mergekit_plus.moe.execute import describe_moe
+
+        # Expert merging rewrites the MoE layers with fewer experts and copies everything else.
+        moe = describe_moe(plan)
+        summary["moe"] = moe
+        summary["shards"] = moe["shards"]
+        summary["total_bytes"] = moe["total_bytes"]
+        summary["tensors"] = {"merge": moe["rewritten_out"], "copy": moe["copied"], "dropped": len(plan.dropped)}
+        summary["peak_memory_estimate_bytes"] = max(plan.peak_bytes_estimate, moe["calibration_memory_bytes"])
     if with_tensors:
         summary["jobs"] = [
             {"tensor": job.name, "action": job.action, "shape": list(job.output.shape),
@@ -76,7 +86,20 @@ def describe_plan(plan: Plan, *, with_tensors: bool = False) -> str:
             f"output: {summary['output'] or '(none: set output.path, or pass -o to merge run)'}  ({len(summary['shards'])} "
             f"shard(s), {format_size(summary['total_bytes'])}, stored as {summary['out_dtype']}, computed in "
             f"{summary['compute_dtype']})")
-    lines.append(f"tensors: {counts['merge']} merged, {counts['copy']} copied from the base, {counts['dropped']} dropped")
+    if "moe" in summary:
+        moe = summary["moe"]
+        before = "/".join(str(value) for value in moe["experts_before"])
+        lines += [
+            f"experts: {moe['layers']} MoE layer(s), {before} experts each → {moe['experts_after']}; their "
+            f"{moe['rewritten_in']} expert and router tensors become {moe['rewritten_out']}",
+            f"calibration: up to {moe['calibration_samples']} texts per file from {moe['calibration']}, through the "
+            f"whole model in float32 ({format_size(moe['calibration_memory_bytes'])})",
+            f"tensors: {counts['merge']} written by the expert merge, {counts['copy']} copied unchanged, "
+            f"{counts['dropped']} dropped",
+        ]
+    else:
+        lines.append(f"tensors: {counts['merge']} merged, {counts['copy']} copied from the base, "
+                     f"{counts['dropped']} dropped")
     lines += [f"  dropped {item['tensor']}: {item['reason']}" for item in summary["dropped"]]
     lines += [
         f"tokenizer and side files from: {summary['tokenizer_source']}",

@@ -128,6 +128,38 @@ def run_moe(plan: Plan, *, recipe_data: dict[str, Any], device: str = "cpu", pro
     return MergeSummary(plan.output, tuple(files), len(planned), layout.total_size, seconds)
 
 
+def describe_moe(plan: Plan) -> dict[str, Any]:
+    """Describe what an expert merge will write, from headers and the config alone: for `merge plan`.
+
+    The expert and router tensors of each MoE layer are rewritten with `num_experts` experts; every
+    other tensor is copied unchanged. The calibration pass loads the whole model in float32.
+    """
+    params = _merge_parameters(plan)
+    reader = plan.models[0].reader
+    layers = _expert_layers(plan)
+    count = params["num_experts"]
+    _check_target_count(layers, count)
+    moe_names = {name: layer for layer in layers
+                 for name in (*layer.expert_tensors(), *layer.router_tensors(reader.tensors))}
+    planned = _planned_outputs(plan, layers, moe_names, count)
+    layout = plan_layout(planned, max_shard_bytes=plan.recipe.shard_size_bytes, metadata={"format": "pt"})
+    calibration_bytes = sum(info.numel for info in reader.tensors.values()) * 4
+    return {
+        "layers": len(layers),
+        "experts_before": sorted({layer.num_experts for layer in layers}),
+        "experts_after": count,
+        "calibration": params["calibration"],
+        "calibration_samples": params["calibration_samples"],
+        "rewritten_in": len(moe_names),
+        "rewritten_out": len(planned) - sum(1 for job in plan.jobs if job.name not in moe_names),
+        "copied": sum(1 for job in plan.jobs if job.name not in moe_names),
+        "shards": [{"file": shard.file_name, "bytes": shard.size, "tensors": len(shard.offsets)}
+                   for shard in layout.shards],
+        "total_bytes": layout.total_size,
+        "calibration_memory_bytes": calibration_bytes,
+    }
+
+
 def _merge_parameters(plan: Plan) -> dict[str, Any]:
     """Return the method's global parameters as resolved by the planner (one value for the whole merge)."""
     merged = next((job for job in plan.jobs if job.action == "merge"), None)

@@ -168,3 +168,20 @@ def test_qwen2_moe_keeps_shared_expert(tmp_path, calibration_file):
     with safe_open(out / "model.safetensors", "pt") as merged, safe_open(source / "model.safetensors", "pt") as original:
         for name in ("model.layers.0.mlp.shared_expert.up_proj.weight", "model.layers.0.mlp.shared_expert_gate.weight"):
             assert torch.equal(merged.get_tensor(name), original.get_tensor(name))
+
+
+def test_plan_describes_expert_merge(tmp_path, random_mixtral, calibration_file):
+    recipe = write_recipe(tmp_path, {
+        "merge_method": "mc_smoe", "models": [{"model": random_mixtral}],
+        "parameters": {"calibration": calibration_file, "num_experts": 4}, "output": {"path": tmp_path / "out"}})
+    planned = json.loads(invoke(["plan", recipe, "--json"], expected_exit=0).output)
+    text = invoke(["plan", recipe], expected_exit=0).output
+    summary = json.loads(invoke(["run", recipe, "--json", "-q"], expected_exit=0).output)
+
+    # Mixtral stores each expert as w1, w2 and w3: 8 experts become 4 in each of the 2 layers, plus 1 router.
+    assert planned["moe"]["experts_after"] == 4
+    assert planned["tensors"]["merge"] == 2 * (4 * 3 + 1)
+    assert planned["tensors"]["merge"] + planned["tensors"]["copy"] == summary["tensors"]
+    assert planned["total_bytes"] == summary["total_bytes"]
+    assert "8 experts each → 4" in text
+    assert "copied unchanged" in text
