@@ -182,10 +182,17 @@ def _update_statistics(statistics: ModelStatistics, job: TensorJob, tensors: lis
                       model_params=job.model_params)
 
 
-def _statistics_argument(statistics: tuple[Any, ...] | None, positions: Sequence[int]) -> dict[str, Any]:
-    """Return the operator's `statistics` keyword for the models at `positions`, or none without statistics."""
+def _statistics_argument(statistics: Any, positions: Sequence[int]) -> dict[str, Any]:
+    """Return the operator's `statistics` keyword for the models at `positions`, or none without statistics.
+
+    A result is a tuple with one entry per model, or an object whose `for_models(positions)`
+    selects its per-model part and keeps what the models share.
+    """
     if statistics is None:
         return {}
+    for_models = getattr(statistics, "for_models", None)
+    if for_models is not None:
+        return {"statistics": for_models(positions)}
     return {"statistics": tuple(statistics[position] for position in positions)}
 
 

@@ -559,6 +559,27 @@ def disjoint_merge(
     return numerator
 
 
+def elected_sign_balance(
+    chunks: Iterable[Chunk],
+    weights: Sequence[float],
+    *,
+    sign_election: str,
+    scratch: ChunkScratch | None = None,
+) -> int:
+    """Return Σ sign(elected sum) over every coordinate of the chunks: the input of `majority_sign`."""
+    balance = 0
+    for chunk in chunks:
+        first = chunk.deltas[0]
+        total = elected_sum(
+            chunk.deltas,
+            weights,
+            sign_election=sign_election,
+            out=None if scratch is None else _buffer(scratch, "signs", first.dtype, first),
+        )
+        balance += _sum_of_signs(total.sign_())
+    return balance
+
+
 def consensus_merge(
     chunks: Callable[[], Iterable[Chunk]],
     output: torch.Tensor,
@@ -568,31 +589,24 @@ def consensus_merge(
     normalize: bool,
     scale: float,
     scratch: ChunkScratch | None = None,
+    majority: int | None = None,
 ) -> torch.Tensor:
     """Write θ₀ + scale · (disjoint merge of the task vectors) into the flat `output`, chunk by chunk.
 
     `chunks()` is called once per pass and must yield the same sparsified task vectors every
-    time, in flat order. The merge needs two passes because a coordinate whose elected sum is 0
-    takes the majority sign of the whole tensor:
+    time, in flat order. Without `majority` the merge needs two passes, because a coordinate
+    whose elected sum is 0 takes the majority sign of the whole tensor:
 
-    1. Sum the signs of the elected sums over the whole tensor.
+    1. Sum the signs of the elected sums over the whole tensor (`elected_sign_balance`).
     2. Merge each chunk with that majority and add it to the base.
 
-    So each chunk equals the whole-tensor `disjoint_merge` at its coordinates, bit for bit.
+    So each chunk equals the whole-tensor `disjoint_merge` at its coordinates, bit for bit. A
+    caller that found the majority over a wider scope (the whole model) passes it as `majority`,
+    and the first pass is skipped.
     """
     check_sign_election(sign_election)
-
-    balance = 0
-    for chunk in chunks():
-        first = chunk.deltas[0]
-        total = elected_sum(
-            chunk.deltas,
-            weights,
-            sign_election=sign_election,
-            out=None if scratch is None else _buffer(scratch, "signs", first.dtype, first),
-        )
-        balance += _sum_of_signs(total.sign_())
-    majority = majority_sign(balance)
+    if majority is None:
+        majority = majority_sign(elected_sign_balance(chunks(), weights, sign_election=sign_election, scratch=scratch))
 
     for chunk in chunks():
         merged = disjoint_merge(

@@ -13,9 +13,11 @@ Steps, with base θ₀ and models θ₁ … θ_T:
    With `scope: tensor` (mergekit's rule): per tensor, τ̂ᵢ keeps the k = floor(densityᵢ · numel)
    entries of τᵢ with the largest |τᵢ| and sets the rest to 0. Ties at the threshold keep the
    lowest flat indices, so exactly k entries stay.
-3. Elect, per tensor: γ = sign(Σ τ̂ᵢ) ("trimmed", the paper's rule and the default) or sign(Σ wᵢ τ̂ᵢ)
-   ("weighted", mergekit's rule). Where the sum is exactly 0, γ is the sign of Σ γ over the
-   tensor (the majority of the elected signs), and + when that is 0 too.
+3. Elect: γ = sign(Σ τ̂ᵢ) ("trimmed", the paper's rule and the default) or sign(Σ wᵢ τ̂ᵢ)
+   ("weighted", mergekit's rule). Where the sum is exactly 0, γ is the sign of Σ γ (the majority
+   of the elected signs), and + when that is 0 too. With `scope: model` that majority is taken
+   over the whole model, as the paper's code does, in one more statistics pass (`TiesStatistics`).
+   With `scope: tensor` it is taken over the tensor.
 4. Disjoint merge: A = {i : sign(τ̂ᵢ) = γ and τ̂ᵢ ≠ 0} at each coordinate, and
    m = Σ_{i∈A} wᵢ τ̂ᵢ / Σ_{i∈A} wᵢ with normalize (0 where that divisor is 0), or
    m = Σ_{i∈A} wᵢ τ̂ᵢ without.
@@ -35,9 +37,9 @@ Parameters:
     sign_election (default "trimmed"): "trimmed" or "weighted", see step 3.
     scope (default "model"): "model" or "tensor", see step 2. It must be the same for every tensor.
 
-Not covered: the paper's code takes the majority sign of step 3 over the whole model, and this
-operator over the tensor. The two differ only where nonzero trimmed entries cancel exactly.
-That code's "dis-max" merge and its "normfrac" and "normmass" elections are not implemented.
+Not covered: where the whole-model majority is a tie too, the paper's code leaves γ at 0 and so
+keeps the negative entries. Here γ is + there. That code's "dis-max" merge and its "normfrac"
+and "normmass" elections are not implemented.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ from mergekit_plus.methods.sparsify import (
     MagnitudeSelection,
     check_sign_election,
     consensus_merge,
+    elected_sign_balance,
     keep_count,
+    majority_sign,
 )
 from mergekit_plus.methods.task_arithmetic import LAMBDA, WEIGHT, normalize_param
 
@@ -80,7 +84,7 @@ SCOPE = Param(
     str,
     "model",
     'Where the trim ranks each task vector\'s entries: "model" over the whole model flattened into '
-    "one vector (TIES paper), which reads the inputs once or twice more before merging in float32; "
+    "one vector (TIES paper), which reads the inputs two or three more times before merging in float32; "
     '"tensor" within each tensor (mergekit). One value for the whole merge.',
     choices=SCOPES,
 )
@@ -279,6 +283,94 @@ class TrimThresholds(ModelStatistics):
         return [threshold.describe(self.compute_dtype) for threshold in self.result()]
 
 
+@dataclass(frozen=True)
+class WholeModelTies:
+    """The whole-model statistics of a `scope: model` TIES merge: each model's trim, and the majority sign."""
+
+    thresholds: tuple[ModelThreshold, ...]
+    majority: int
+    """+1 or −1: the elected sign of the coordinates whose elected sum is exactly 0."""
+
+    def for_models(self, positions: Sequence[int]) -> WholeModelTies:
+        """Return the statistics of the models at `positions`, with the same majority."""
+        return WholeModelTies(tuple(self.thresholds[position] for position in positions), self.majority)
+
+
+class TiesStatistics(ModelStatistics):
+    """Finds the trim thresholds (`TrimThresholds`), then in one more pass the majority elected sign.
+
+    The extra pass trims every merged tensor with the thresholds found, elects its signs and adds
+    up Σ sign(elected sum) over the whole model, as the TIES paper's code does on the flattened model.
+    """
+
+    purpose = "the trim threshold of each task vector and the majority elected sign over the whole model"
+
+    def __init__(self, thresholds: TrimThresholds):
+        self.thresholds = thresholds
+        self.compute_dtype = thresholds.compute_dtype
+        self._found: tuple[ModelThreshold, ...] | None = None
+        self._balance = 0
+        self._balance_done = False
+
+    @classmethod
+    def for_targets(cls, targets: Sequence[MergeTarget], compute_dtype: torch.dtype) -> TiesStatistics | None:
+        """Return the reducer for a merge with `scope: model`, or None with `scope: tensor`."""
+        thresholds = TrimThresholds.for_targets(targets, compute_dtype)
+        return None if thresholds is None else cls(thresholds)
+
+    @property
+    def done(self) -> bool:
+        return self.thresholds.done and self._balance_done
+
+    @property
+    def max_passes(self) -> int:
+        return self.thresholds.max_passes + 1
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.thresholds.memory_bytes
+
+    def update(
+        self,
+        name: str,
+        base: torch.Tensor | None,
+        tensors: Sequence[torch.Tensor],
+        *,
+        models: Sequence[int],
+        params: Mapping[str, Any],
+        model_params: Sequence[Mapping[str, Any]],
+    ) -> None:
+        """Feed one tensor to the threshold passes, or, once they are done, to the sign-balance pass."""
+        if not self.thresholds.done:
+            self.thresholds.update(name, base, tensors, models=models, params=params, model_params=model_params)
+            return
+        if self._found is None:
+            self._found = self.thresholds.result()
+        if base is None:
+            raise ValueError(f"ties needs a base model tensor, got None for {name}")
+        if base.numel() == 0:
+            return
+        inputs = TaskVectors(base, tensors, self.compute_dtype)
+        trims = [ThresholdTrim(self._found[model]) for model in models]
+        self._balance += elected_sign_balance(trimmed_chunks(inputs, trims), [mp["weight"] for mp in model_params],
+                                              sign_election=params["sign_election"], scratch=inputs.scratch)
+
+    def finish_pass(self) -> None:
+        if not self.thresholds.done:
+            self.thresholds.finish_pass()
+        else:
+            self._balance_done = True
+
+    def result(self) -> WholeModelTies:
+        if not self.done:
+            raise RuntimeError("the TIES statistics are not complete: run the statistics passes first")
+        return WholeModelTies(self.thresholds.result(), majority_sign(self._balance))
+
+    def describe(self) -> list[str]:
+        sign = "+" if majority_sign(self._balance) > 0 else "−"
+        return [f"{line}; zero sums elect {sign} (the whole-model majority)" for line in self.thresholds.describe()]
+
+
 def check_model_scope(targets: Sequence[MergeTarget]) -> list[str]:
     """Check that `scope` is one value, and that with `scope: model` each model's density is one value."""
     scopes: dict[str, str] = {}
@@ -340,12 +432,14 @@ def operator(
     model_params: Sequence[Mapping[str, Any]],
     seeds: Sequence[int],
     compute_dtype: torch.dtype = torch.float32,
-    statistics: Sequence[ModelThreshold] | None = None,
+    statistics: WholeModelTies | Sequence[ModelThreshold] | None = None,
 ) -> torch.Tensor:
     """Return θ₀ + λ · (disjoint merge of the trimmed task vectors). `seeds` is unused.
 
-    With `scope: model`, `statistics` gives each model's whole-model trim threshold. With
-    `scope: tensor` it must be None, and the thresholds come from the tensor alone.
+    With `scope: model`, `statistics` gives each model's whole-model trim threshold, and as
+    `WholeModelTies` also the whole-model majority sign for zero sums (a bare sequence of
+    thresholds takes the tensor's majority). With `scope: tensor` it must be None, and the
+    thresholds come from the tensor alone.
 
     The tensor is processed in chunks, so besides the result only a few chunk-sized buffers
     per model exist. With `scope: tensor`, it takes one histogram pass per digit of the trim
@@ -359,6 +453,10 @@ def operator(
     check_sign_election(params["sign_election"])
     weights = [mp["weight"] for mp in model_params]
     inputs = TaskVectors(base, tensors, compute_dtype)
+    majority = None
+    if isinstance(statistics, WholeModelTies):
+        majority = statistics.majority
+        statistics = statistics.thresholds
     trims = _trims(params["scope"], inputs, model_params, statistics)
 
     find_thresholds(inputs, trims)
@@ -370,6 +468,7 @@ def operator(
         normalize=params["normalize"],
         scale=params["lambda"],
         scratch=inputs.scratch,
+        majority=majority,
     )
     return merged.view(inputs.shape)
 
@@ -415,5 +514,5 @@ METHOD = MergeMethod(
         SCOPE,
     ),
     check_model=check_model_scope,
-    statistics=TrimThresholds.for_targets,
+    statistics=TiesStatistics.for_targets,
 )

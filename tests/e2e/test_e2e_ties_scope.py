@@ -85,7 +85,7 @@ def test_run_logs_statistics_passes(tmp_path):
 
     result = invoke(["run", recipe], expected_exit=0)
 
-    assert_mentions(message_of(result), r"statistics pass 1 \(at most 2\)", r"statistics pass 1 done",
+    assert_mentions(message_of(result), r"statistics pass 1 \(at most 3\)", r"statistics pass 1 done",
                     r"the trim keeps 4 of 6 task-vector entries")
 
 
@@ -193,8 +193,8 @@ def test_plan_reports_statistics_passes(tmp_path, llama_base, llama_fine_tunes):
     text = message_of(invoke(["plan", recipe], expected_exit=0))
     summary = json.loads(invoke(["plan", recipe, "--json"], expected_exit=0).stdout)
 
-    assert_mentions(text, r"up to 2 statistics passes before the merge", r"trim threshold")
-    assert summary["statistics"]["max_passes"] == 2
+    assert_mentions(text, r"up to 3 statistics passes before the merge", r"trim threshold")
+    assert summary["statistics"]["max_passes"] == 3
     assert summary["statistics"]["read_bytes_per_pass"] > 0
 
 

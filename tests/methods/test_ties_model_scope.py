@@ -13,7 +13,7 @@ from whole_tensor_reference import merge as reference_merge
 
 from mergekit_plus.methods import chunks, sparsify
 from mergekit_plus.methods.base import MergeTarget
-from mergekit_plus.methods.ties import METHOD, ModelThreshold, TrimThresholds, check_model_scope
+from mergekit_plus.methods.ties import METHOD, ModelThreshold, TiesStatistics, TrimThresholds, WholeModelTies, check_model_scope
 
 # The three task vectors of six entries of the TIES test vector. With k = 0.5, the rule
 # |τ| ≥ (d − floor(k·d))-th smallest |τ| keeps four entries of each row:
@@ -79,6 +79,45 @@ def sorted_threshold(deltas, density):
     rank = d - math.floor(Fraction(str(density)) * d)
     q = torch.sort(flat).values[rank - 1]
     return q, int((flat >= q).sum())
+
+
+def ties_statistics(pieces, densities, compute_dtype):
+    """Run every statistics pass of a `scope: model` TIES merge over `pieces`, as the executor does."""
+    numels = [sum(base.numel() for base, _ in pieces)] * len(densities)
+    reducer = TiesStatistics(TrimThresholds(densities, numels, compute_dtype))
+    passes = 0
+    while not reducer.done:
+        passes += 1
+        for index, (base, models) in enumerate(pieces):
+            reducer.update(f"tensor.{index}", base, models, models=range(len(models)), params=params(),
+                           model_params=[{"weight": 1.0, "density": d} for d in densities])
+        reducer.finish_pass()
+    assert passes <= reducer.max_passes
+    return reducer.result()
+
+
+def test_zero_sum_takes_whole_model_majority():
+    # Tensor 0: τ₁ = [1, 1], τ₂ = [−1, 0.5]; its first sum is 0 and its own elected signs are [0, +].
+    # Tensor 1: τ₁ = τ₂ = [−1, −1, −1], elected [−, −, −]. Over the model the majority is −, so at
+    # the zero sum only τ₂ = −1 agrees; the tensor's own majority (+) would keep τ₁ = 1 instead.
+    zero = torch.zeros(2, dtype=torch.float64)
+    pieces = [(zero, [torch.tensor([1.0, 1.0], dtype=torch.float64), torch.tensor([-1.0, 0.5], dtype=torch.float64)]),
+              (torch.zeros(3, dtype=torch.float64), [torch.full((3,), -1.0, dtype=torch.float64)] * 2)]
+    statistics = ties_statistics(pieces, [1.0, 1.0], torch.float64)
+
+    assert isinstance(statistics, WholeModelTies)
+    assert statistics.majority == -1
+    merged = merge_pieces(pieces[:1], statistics, [1.0, 1.0], [1.0, 1.0], torch.float64)
+    torch.testing.assert_close(merged, torch.tensor([-1.0, 0.75], dtype=torch.float64))
+    per_tensor = merge_pieces(pieces[:1], statistics.thresholds, [1.0, 1.0], [1.0, 1.0], torch.float64)
+    torch.testing.assert_close(per_tensor, torch.tensor([1.0, 0.75], dtype=torch.float64))
+
+
+def test_ties_statistics_select_models_keep_majority():
+    statistics = ties_statistics(split_reference_vector(torch.float64), [0.5] * 3, torch.float64)
+    selected = statistics.for_models([2, 0])
+    assert selected.thresholds == (statistics.thresholds[2], statistics.thresholds[0])
+    assert selected.majority == statistics.majority
 
 
 # The TIES test vector
