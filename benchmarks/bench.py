@@ -1,4 +1,4 @@
-"""Time the same TIES merge with mergekit and with mergekit_plus, and record peak memory.
+"""Time the same TIES merge with mergekit, mergekit_plus and FusionBench, and record peak memory.
 
 Each run starts with the input checkpoints in the page cache (every input file is read once
 just before the run) and with no output folder, so both tools do the same I/O. The tools
@@ -9,6 +9,16 @@ the process tree, sampled from /proc every 50 ms, which also catches tools that 
 workers. RSS includes
 file-backed pages, such as memory-mapped input shards, as well as anonymous memory. The
 sampler records both kinds at the peak so the split can be reported.
+
+A watchdog stops a run whose process tree grows past ``--memory-cap-gb`` of RSS (by default
+the environment variable BENCH_MEMORY_CAP_GB, else 70% of the machine's memory), or during
+which the machine's available memory falls under ``--min-available-gb``. It kills the run's
+process group, deletes its partial output and reports the run as stopped at the RSS it had
+reached, and the tool is not run again in later rounds. FusionBench's in-memory TIES needs
+this: at its peak it holds about 125 bytes per parameter in float32 (measured on Llamas of
+0.015B and 0.044B parameters), so the 0.5B checkpoints would take an estimated 63 GB. Every run also
+starts with an OOM score adjustment of 1000, so if memory still runs out the kernel kills the
+benchmark first.
 
 The machine may be shared, so before each run the script waits until the CPUs have been
 nearly idle for a few seconds. For each run it records the CPU time that other processes
@@ -29,6 +39,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -40,8 +51,12 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RECIPE = BENCH_DIR / "ties.yml"
 # The same merge with the whole-model trim, which reads the inputs up to three times.
+# FusionBench runs it too, through fusionbench_ties.py, since its TIES only trims whole models.
 MODEL_SCOPE_RECIPE = BENCH_DIR / "ties-model-scope.yml"
+FUSIONBENCH_SCRIPT = BENCH_DIR / "fusionbench_ties.py"
+TOOLS = ("mergekit", "ours", "ours-model-scope", "fusionbench")
 SAMPLE_INTERVAL_S = 0.05
+DEFAULT_CAP_SHARE = 0.7
 
 # mergekit flags, chosen as a user who knows mergekit would run it on a CPU-only machine.
 # There is no --cuda because there is no GPU, and --device defaults to cpu. There is no
@@ -68,14 +83,19 @@ class RunResult:
     cpu_s: float = 0.0
     foreign_cpu_s: float = 0.0
     contended: bool = False
+    # Why the watchdog killed the run ("cap" or "machine memory low"), or None.
+    stopped: str | None = None
     log_tail: str = ""
 
 
 @dataclass
 class Summary:
     tool: str
-    best_wall_s: float
+    # None when the watchdog stopped every run of the tool.
+    best_wall_s: float | None
     max_peak_rss_bytes: int
+    # Why the watchdog stopped the tool's runs, set only when no run finished.
+    stopped: str | None = None
     runs: list[RunResult] = field(default_factory=list)
 
 
@@ -115,13 +135,36 @@ def _process_tree(root: int) -> list[int]:
     return tree
 
 
-class RssSampler(threading.Thread):
-    """Sample the summed RSS of a process tree until stopped, keeping the peak."""
+def mem_available_bytes() -> int:
+    """Return the kernel's estimate of the memory available to new work, MemAvailable."""
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable not found in /proc/meminfo")
 
-    def __init__(self, root_pid: int) -> None:
+
+def mem_total_bytes() -> int:
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        return int(meminfo.readline().split()[1]) * 1024
+
+
+class RssSampler(threading.Thread):
+    """Sample the summed RSS of a process tree until stopped, keeping the peak.
+
+    When `cap_bytes` is set, the sampler also kills the tree's process group with SIGKILL once
+    its RSS exceeds the cap or the machine's MemAvailable falls under `min_available_bytes`,
+    and records why in `stopped`. A sample is taken every 50 ms, so the RSS may overshoot the
+    cap by what the tree allocates in that time.
+    """
+
+    def __init__(self, root_pid: int, *, cap_bytes: int | None = None, min_available_bytes: int = 0) -> None:
         super().__init__(daemon=True)
         self.root_pid = root_pid
+        self.cap_bytes = cap_bytes
+        self.min_available_bytes = min_available_bytes
         self.peak = (0, 0, 0)
+        self.stopped: str | None = None
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -132,7 +175,20 @@ class RssSampler(threading.Thread):
                     total[index] += value
             if total[0] > self.peak[0]:
                 self.peak = tuple(total)
+            if self.cap_bytes is not None and self.stopped is None:
+                if total[0] > self.cap_bytes:
+                    self._kill("cap")
+                elif mem_available_bytes() < self.min_available_bytes:
+                    self._kill("machine memory low")
             self._stop_event.wait(SAMPLE_INTERVAL_S)
+
+    def _kill(self, reason: str) -> None:
+        self.stopped = reason
+        try:
+            # The run leads its own session, so its process group contains the whole tree.
+            os.killpg(self.root_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -177,14 +233,22 @@ def warm_page_cache(folders: list[Path]) -> None:
                         pass
 
 
-def run_measured(tool: str, round_index: int, command: list[str], *, cwd: Path, env: dict) -> RunResult:
-    """Run one command, returning its wall time and peak RSS."""
+def _raise_oom_score() -> None:
+    """Make the kernel's OOM killer pick this process, and what it starts, before any other."""
+    with open("/proc/self/oom_score_adj", "w", encoding="ascii") as score:
+        score.write("1000")
+
+
+def run_measured(tool: str, round_index: int, command: list[str], *, cwd: Path, env: dict,
+                 cap_bytes: int | None = None, min_available_bytes: int = 0) -> RunResult:
+    """Run one command, returning its wall time and peak RSS, and stop it at the memory cap."""
     log_path = cwd / f"{tool}.log"
     with open(log_path, "wb") as log:
         busy_before = machine_busy_seconds()
         start = time.perf_counter()
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        sampler = RssSampler(process.pid)
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True, preexec_fn=_raise_oom_score)
+        sampler = RssSampler(process.pid, cap_bytes=cap_bytes, min_available_bytes=min_available_bytes)
         sampler.start()
         # wait4 returns this child's own rusage; ru_maxrss is in KiB on Linux.
         _, status, usage = os.wait4(process.pid, 0)
@@ -208,6 +272,7 @@ def run_measured(tool: str, round_index: int, command: list[str], *, cwd: Path, 
         returncode=process.returncode,
         cpu_s=cpu,
         foreign_cpu_s=max(0.0, busy - cpu),
+        stopped=sampler.stopped,
         log_tail=log_tail,
     )
 
@@ -216,8 +281,10 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True).stdout.strip()
 
 
-def tool_versions(mergekit_python: Path, ours_python: Path) -> dict[str, str]:
+def tool_versions(mergekit_python: Path, ours_python: Path, fusionbench_python: Path) -> dict[str, str]:
     def query(python: Path, code: str) -> str:
+        if not python.exists():
+            return f"not installed ({python} not found)"
         result = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
         return result.stdout.strip() or f"unknown ({result.stderr.strip().splitlines()[-1:]})"
 
@@ -227,6 +294,7 @@ def tool_versions(mergekit_python: Path, ours_python: Path) -> dict[str, str]:
     return {
         "mergekit": query(mergekit_python, probe("mergekit", "torch", "safetensors", "transformers")),
         "ours": query(ours_python, probe("mergekit_plus", "torch", "safetensors")),
+        "fusionbench": query(fusionbench_python, probe("fusion-bench", "torch", "safetensors", "transformers")),
         "ours_commit": _git("rev-parse", "--short", "HEAD"),
         # Uncommitted changes under mergekit_plus/ mean the numbers are not those of the commit.
         "ours_uncommitted_changes": bool(_git("status", "--porcelain", "--", "mergekit_plus")),
@@ -241,56 +309,94 @@ def machine_info() -> dict[str, str]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    with open("/proc/meminfo", encoding="ascii") as meminfo:
-        total_kib = int(meminfo.readline().split()[1])
     return {
         "cpu": cpu,
         "cores": str(os.cpu_count()),
-        "memory_gib": f"{total_kib / 2**20:.1f}",
+        "memory_gib": f"{mem_total_bytes() / 2**30:.1f}",
         "kernel": platform.release(),
         "date": datetime.date.today().isoformat(),
     }
 
 
+def _ratio(numerator: Summary, denominator: Summary) -> tuple[str, str]:
+    """Return the wall-time and peak-RSS ratios of two tools as table cells.
+
+    A stopped tool has no time. Its true peak is above the RSS at which it was stopped, so its
+    RSS ratio is a lower bound when it is the numerator and an upper bound when it is the
+    denominator.
+    """
+    if numerator.stopped and denominator.stopped:
+        return "-", "-"
+    rss = f"{numerator.max_peak_rss_bytes / denominator.max_peak_rss_bytes:.2f}x"
+    if numerator.stopped:
+        return "-", "> " + rss
+    if denominator.stopped:
+        return "-", "< " + rss
+    return f"{numerator.best_wall_s / denominator.best_wall_s:.2f}x", rss
+
+
+# Ratio rows, numerator first: each pairs tools that run the same merge, or a tool with its variant.
+RATIO_ROWS = (("ours", "mergekit"), ("ours-model-scope", "ours"), ("ours-model-scope", "fusionbench"))
+
+
 def format_table(summaries: dict[str, Summary]) -> str:
-    ours, mergekit = summaries.get("ours"), summaries.get("mergekit")
     lines = [
         "| tool | wall s (best) | peak RSS GB (max) | CPU s (best run) | runs | contended runs |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for summary in summaries.values():
-        best = min(summary.runs, key=lambda run: run.wall_s)
         contended = sum(run.contended for run in summary.runs)
+        if summary.stopped:
+            run = summary.runs[-1]
+            lines.append(
+                f"| {summary.tool} | stopped at {summary.max_peak_rss_bytes / 1e9:.1f} GB ({summary.stopped}) "
+                f"| > {summary.max_peak_rss_bytes / 1e9:.2f} | {run.cpu_s:.1f} until stopped | {len(summary.runs)} "
+                f"| {contended} |"
+            )
+            continue
+        best = min(summary.runs, key=lambda run: run.wall_s)
         lines.append(
             f"| {summary.tool} | {summary.best_wall_s:.1f} | {summary.max_peak_rss_bytes / 1e9:.2f} "
             f"| {best.cpu_s:.1f} | {len(summary.runs)} | {contended} |"
         )
-    if ours and mergekit:
-        lines.append(
-            f"| ours / mergekit | {ours.best_wall_s / mergekit.best_wall_s:.2f}x "
-            f"| {ours.max_peak_rss_bytes / mergekit.max_peak_rss_bytes:.2f}x | | | |"
-        )
-    model_scope = summaries.get("ours-model-scope")
-    if ours and model_scope:
-        lines.append(
-            f"| ours-model-scope / ours | {model_scope.best_wall_s / ours.best_wall_s:.2f}x "
-            f"| {model_scope.max_peak_rss_bytes / ours.max_peak_rss_bytes:.2f}x | | | |"
-        )
+    for numerator, denominator in RATIO_ROWS:
+        if numerator in summaries and denominator in summaries:
+            wall, rss = _ratio(summaries[numerator], summaries[denominator])
+            lines.append(f"| {numerator} / {denominator} | {wall} | {rss} | | | |")
     return "\n".join(lines)
+
+
+def default_memory_cap_gb() -> float:
+    """Return BENCH_MEMORY_CAP_GB if set, else 70% of the machine's memory, in GB."""
+    value = os.environ.get("BENCH_MEMORY_CAP_GB")
+    if value is None:
+        return DEFAULT_CAP_SHARE * mem_total_bytes() / 1e9
+    try:
+        return float(value)
+    except ValueError:
+        sys.exit(f"error: BENCH_MEMORY_CAP_GB must be a number of GB, got {value!r}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=BENCH_DIR / "work", help="work folder holding ckpt/")
     parser.add_argument("--repeats", type=int, default=2, help="measured runs per tool (default 2)")
-    parser.add_argument("--tools", default="mergekit,ours,ours-model-scope",
-                        help="comma-separated subset of mergekit,ours,ours-model-scope")
+    parser.add_argument("--tools", default=",".join(TOOLS),
+                        help=f"comma-separated subset of {','.join(TOOLS)} (default: all)")
     parser.add_argument("--max-foreign-cpu", type=float, default=0.1,
                         help="CPU seconds per wall second that other processes may use during a run (default 0.1)")
     parser.add_argument("--max-retries", type=int, default=3, help="reruns of a contended run (default 3)")
     parser.add_argument("--quiet-timeout", type=float, default=900,
                         help="seconds to wait for a quiet machine before a run starts anyway (default 900)")
+    parser.add_argument("--memory-cap-gb", type=float, default=None,
+                        help="RSS in GB at which a run is stopped (default: BENCH_MEMORY_CAP_GB, else 70%% of "
+                             "the machine's memory)")
+    parser.add_argument("--min-available-gb", type=float, default=1.0,
+                        help="stop a run when the machine's available memory falls under this many GB (default 1)")
     args = parser.parse_args()
+    memory_cap_gb = args.memory_cap_gb if args.memory_cap_gb is not None else default_memory_cap_gb()
+    if memory_cap_gb <= 0:
+        sys.exit(f"error: the memory cap must be positive, got {memory_cap_gb} GB")
 
     work = args.work.resolve()
     ckpt_dirs = [work / "ckpt" / name for name in ("base", "ft1", "ft2", "ft3")]
@@ -300,23 +406,35 @@ def main() -> int:
 
     mergekit_python = BENCH_DIR / ".venv-mergekit" / "bin" / "python"
     ours_python = REPO_ROOT / ".venv" / "bin" / "python"
+    fusionbench_python = BENCH_DIR / ".venv-fusionbench" / "bin" / "python"
     commands = {
         "mergekit": [str(BENCH_DIR / ".venv-mergekit" / "bin" / "mergekit-yaml"), str(RECIPE), "out/mergekit", *MERGEKIT_FLAGS],
         "ours": [str(REPO_ROOT / ".venv" / "bin" / "merge"), "run", str(RECIPE), "--output", "out/ours", *OURS_FLAGS],
         "ours-model-scope": [str(REPO_ROOT / ".venv" / "bin" / "merge"), "run", str(MODEL_SCOPE_RECIPE), "--output",
                              "out/ours-model-scope", *OURS_FLAGS],
+        "fusionbench": [str(fusionbench_python), str(FUSIONBENCH_SCRIPT), str(MODEL_SCOPE_RECIPE), "--output",
+                        "out/fusionbench"],
     }
     tools = [tool for tool in args.tools.split(",") if tool]
     unknown = sorted(set(tools) - set(commands))
     if unknown:
-        sys.exit(f"error: unknown tool(s) {unknown}; expected a subset of {sorted(commands)}")
+        sys.exit(f"error: unknown tool(s) {unknown}; expected a subset of {','.join(TOOLS)}")
+    not_installed = [tool for tool in tools if not Path(commands[tool][0]).exists()]
+    if not_installed:
+        sys.exit(f"error: {not_installed} not installed ({[commands[tool][0] for tool in not_installed]}); "
+                 f"run benchmarks/run.sh, which installs them, or leave them out of --tools")
 
-    versions = tool_versions(mergekit_python, ours_python)
-    # Offline, because both tools would otherwise ask the Hub about local paths they do not find.
+    versions = tool_versions(mergekit_python, ours_python, fusionbench_python)
+    # Offline, because the tools would otherwise ask the Hub about local paths they do not find.
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    print(f"memory cap per run: {memory_cap_gb:.1f} GB of RSS, or {args.min_available_gb:.1f} GB left on the machine",
+          flush=True)
     summaries: dict[str, Summary] = {}
     for round_index in range(args.repeats):
         for tool in tools:
+            # A run that the watchdog stopped would be stopped again.
+            if tool in summaries and any(run.stopped for run in summaries[tool].runs):
+                continue
             output = work / "out" / tool
             for attempt in range(args.max_retries + 1):
                 if output.exists():
@@ -324,7 +442,16 @@ def main() -> int:
                 output.parent.mkdir(parents=True, exist_ok=True)
                 warm_page_cache(ckpt_dirs)
                 wait_until_quiet(max_load=args.max_foreign_cpu, window_s=3.0, timeout_s=args.quiet_timeout)
-                result = run_measured(tool, round_index, commands[tool], cwd=work, env=env)
+                result = run_measured(tool, round_index, commands[tool], cwd=work, env=env,
+                                      cap_bytes=int(memory_cap_gb * 1e9),
+                                      min_available_bytes=int(args.min_available_gb * 1e9))
+                if result.stopped:
+                    # A partial checkpoint must not reach the comparison.
+                    shutil.rmtree(output, ignore_errors=True)
+                    print(f"round {round_index + 1}/{args.repeats} {tool}: stopped at "
+                          f"{result.peak_rss_bytes / 1e9:.2f} GB of RSS ({result.stopped}) after {result.wall_s:.1f} s. "
+                          f"It is not run again.", flush=True)
+                    break
                 if result.returncode != 0:
                     print(result.log_tail, file=sys.stderr)
                     sys.exit(f"error: {tool} failed with exit code {result.returncode}; its log is {work / (tool + '.log')}")
@@ -342,14 +469,18 @@ def main() -> int:
                     break
                 if attempt < args.max_retries:
                     print(f"rerunning {tool}: other processes used CPU during the run", flush=True)
-            summary = summaries.setdefault(tool, Summary(tool, float("inf"), 0))
+            summary = summaries.setdefault(tool, Summary(tool, None, 0))
             summary.runs.append(result)
-            summary.best_wall_s = min(summary.best_wall_s, result.wall_s)
             summary.max_peak_rss_bytes = max(summary.max_peak_rss_bytes, result.peak_rss_bytes)
+            if not result.stopped:
+                summary.best_wall_s = min(summary.best_wall_s or float("inf"), result.wall_s)
+            summary.stopped = result.stopped if summary.best_wall_s is None else None
 
     report = {
         "machine": machine_info(),
         "versions": versions,
+        "memory_cap_gb": memory_cap_gb,
+        "min_available_gb": args.min_available_gb,
         "commands": {tool: " ".join(commands[tool]) for tool in tools},
         "summaries": {tool: asdict(summary) for tool, summary in summaries.items()},
     }

@@ -1,6 +1,8 @@
 """Build the benchmark checkpoints: a 0.5B Llama base model and three fine-tunes of it.
 
-The base is a randomly initialised ``LlamaForCausalLM`` in bfloat16. Each fine-tune is the
+The base is a randomly initialised ``LlamaForCausalLM`` in bfloat16. ``--layers`` and
+``--vocab-size`` shrink it for tools that cannot merge the 0.5B set in the memory at hand: with
+2 layers and 8000 tokens it has 0.044B parameters at the same width. Each fine-tune is the
 base plus seeded Gaussian noise, N(0, (0.01 * rms(W))^2) per tensor W, rounded back to
 bfloat16. The noise scale is relative to the RMS rather than the standard deviation so that
 the RMSNorm weights, which start as exact ones with zero spread, also change. A relative
@@ -8,7 +10,7 @@ scale of 0.01 is 1.3 to 2.6 bfloat16 ulps at the tensor's RMS, so about 83% of t
 of a fine-tune differ from the base, as in a real fine-tune. With 0.001 most deltas would
 round away to zero.
 
-Every model is written by ``save_pretrained`` in 400 MB shards (three per model). Real 7B
+Every model is written by ``save_pretrained`` in 400 MB shards (three per 0.5B model). Real 7B
 models ship as three or four shards of up to 5 GB, so the readers are exercised on sharded
 input. A small word-level tokenizer is saved beside each model so that both merge tools copy
 tokenizer files as they would for a real model.
@@ -54,12 +56,16 @@ MODEL_CONFIG = {
 }
 
 
-def build_info() -> dict:
+def model_config(layers: int, vocab_size: int) -> dict:
+    return {**MODEL_CONFIG, "num_hidden_layers": layers, "vocab_size": vocab_size}
+
+
+def build_info(layers: int, vocab_size: int) -> dict:
     """Return the settings that determine the files. A change in any of them forces a rebuild."""
     import transformers
 
     return {
-        "model_config": MODEL_CONFIG,
+        "model_config": model_config(layers, vocab_size),
         "base_seed": BASE_SEED,
         "fine_tune_seeds": FINE_TUNE_SEEDS,
         "relative_noise": RELATIVE_NOISE,
@@ -79,9 +85,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_base(out_dir: Path) -> LlamaForCausalLM:
+def build_base(out_dir: Path, layers: int, vocab_size: int) -> LlamaForCausalLM:
     torch.manual_seed(BASE_SEED)
-    config = LlamaConfig(**MODEL_CONFIG)
+    config = LlamaConfig(**model_config(layers, vocab_size))
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.eval()
     model.save_pretrained(out_dir, max_shard_size=SHARD_SIZE)
@@ -103,8 +109,8 @@ def perturbed_state_dict(model: LlamaForCausalLM, seed: int) -> dict[str, torch.
     return state
 
 
-def build_all(ckpt_dir: Path) -> None:
-    info = build_info()
+def build_all(ckpt_dir: Path, *, layers: int, vocab_size: int) -> None:
+    info = build_info(layers, vocab_size)
     info_path = ckpt_dir / "BUILD_INFO.json"
     if info_path.exists() and json.loads(info_path.read_text()) == info:
         LOG.info("checkpoints in %s are up to date", ckpt_dir)
@@ -117,7 +123,7 @@ def build_all(ckpt_dir: Path) -> None:
 
     # 2. The base model stays in memory while each fine-tune is derived and written.
     start = time.perf_counter()
-    model = build_base(ckpt_dir / "base")
+    model = build_base(ckpt_dir / "base", layers, vocab_size)
     n_params = sum(p.numel() for p in model.parameters())
     LOG.info("wrote base (%.3fB parameters) in %.1f s", n_params / 1e9, time.perf_counter() - start)
 
@@ -136,9 +142,18 @@ def build_all(ckpt_dir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ckpt_dir", type=Path, help="folder that receives base/, ft1/, ft2/, ft3/")
+    parser.add_argument("--layers", type=int, default=MODEL_CONFIG["num_hidden_layers"],
+                        help=f"number of decoder layers (default {MODEL_CONFIG['num_hidden_layers']}, the 0.5B model)")
+    parser.add_argument("--vocab-size", type=int, default=MODEL_CONFIG["vocab_size"],
+                        help=f"rows of the embedding and the head (default {MODEL_CONFIG['vocab_size']})")
     args = parser.parse_args()
+    if args.layers < 1:
+        parser.error(f"--layers must be at least 1, got {args.layers}")
+    # The tokenizer saved beside each model uses ids up to 63.
+    if args.vocab_size < 64:
+        parser.error(f"--vocab-size must be at least 64, the tokenizer's vocabulary, got {args.vocab_size}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    build_all(args.ckpt_dir)
+    build_all(args.ckpt_dir, layers=args.layers, vocab_size=args.vocab_size)
 
 
 if __name__ == "__main__":
