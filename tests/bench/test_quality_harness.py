@@ -80,7 +80,10 @@ def test_recipes_one_per_family_and_method():
 
 
 @pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs" / "zoo").glob("*.yaml")), ids=lambda path: path.stem)
-def test_recipe_valid_and_names_bench_zoo(path):
+def test_recipe_valid_and_names_bench_zoo(path, monkeypatch):
+    # The data files of the AdaMerging recipes exist only once the bench zoo is built, which the test
+    # suite does not do, so only the schema and the paths are checked here.
+    monkeypatch.setattr("mergekit_plus.recipe.validate.check_data_source", lambda path: None)
     load_recipe(path)
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     family, _, label = path.stem.partition("-")
