@@ -284,11 +284,20 @@ def build_plan(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
             # far more than the streamed tensors.
             plan = replace(plan, learning=learning,
                            peak_bytes_estimate=max(peak_bytes, learning.memory_bytes))
-            logger.info("%s learns before the merge, holding about %s of %s", method.name,
-                        format_size(learning.memory_bytes), getattr(learning, "memory_contents", "base and task vectors"))
-    logger.info("planned %d tensors (%d dropped) into %d file(s), %s; tensors in flight need about %s",
-                len(jobs), len(dropped), len(layout.shards), format_size(layout.total_size),
-                format_size(plan.peak_bytes_estimate))
+            if learning.memory_bytes:
+                logger.info("%s learns before the merge, holding about %s of %s", method.name,
+                            format_size(learning.memory_bytes),
+                            getattr(learning, "memory_contents", "base and task vectors"))
+    output_kind = getattr(method, "output_kind", "checkpoint")
+    if output_kind == "checkpoint":
+        logger.info("planned %d tensors (%d dropped) into %d file(s), %s; tensors in flight need about %s",
+                    len(jobs), len(dropped), len(layout.shards), format_size(layout.total_size),
+                    format_size(plan.peak_bytes_estimate))
+    else:
+        # A bundle or an expert merge lays out its own files when it runs; `merge plan` shows them.
+        logger.info("planned %d input tensors (%d dropped) for the %s output; tensors in flight need about %s",
+                    len(jobs), len(dropped), "bundle" if output_kind == "bundle" else "expert-merged",
+                    format_size(plan.peak_bytes_estimate))
     if statistics is not None:
         logger.info("%s reads the merged tensors' inputs (%s) up to %d more times before merging, for %s",
                     method.name, format_size(statistics.read_bytes), statistics.max_passes, statistics.purpose)

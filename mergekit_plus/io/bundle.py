@@ -124,7 +124,7 @@ class StorageReport:
 
 
 def task_names(labels: Sequence[str]) -> list[str]:
-    """Name each task after the last part of its model reference, made unique and safe as a folder name."""
+    """Name each task after the last part of its label, made unique and safe as a folder name."""
     names: list[str] = []
     for index, label in enumerate(labels):
         stem = _TASK_NAME.sub("_", label.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]).strip("._") or "task"
@@ -158,7 +158,8 @@ class BundleOutline:
 
 def bundle_outline(plan: Plan) -> BundleOutline:
     """Lay out the bundle of `plan` from the headers alone."""
-    tasks = task_names([model.source.reference for model in plan.models])
+    # Tasks take the names that the recipe's `data:` section uses: `task:`, else the folder name less `ft-`.
+    tasks = task_names([task_of_model(spec.model, spec.task) for spec in plan.recipe.models])
     heads = _task_heads(plan)
     layout = plan_layout(_planned_tensors(plan, tasks, heads), max_shard_bytes=plan.recipe.shard_size_bytes,
                          metadata={"format": "pt", "content": FORMAT_NAME})

@@ -91,6 +91,12 @@ def plan_adamerging(recipe: Any, plan: Any) -> LearningPhase | None:
     params = merged[0].params if merged else {}
     coefficients_given = all(mp["coefficient"] is not None for job in merged for mp in job.model_params)
     needs_thresholds = params.get("task_vectors") == "ties"
+    if params.get("steps") == 0 and not params.get("coefficients") and not coefficients_given and not needs_thresholds:
+        # With no step to take, every coefficient is the initial value: no data is read and no model is built.
+        initial = float(params["init"])
+        if params.get("clamp"):
+            initial = min(max(initial, 0.0), 1.0)
+        return LearningPhase(memory_bytes=0, run_phase=lambda plan, **_: _with_coefficients(plan, initial))
     if coefficients_given and not needs_thresholds:
         return None
     if any(job.row_maps is not None for job in merged):
@@ -114,6 +120,14 @@ def plan_adamerging(recipe: Any, plan: Any) -> LearningPhase | None:
         return _run(recipe, plan, tasks, coefficients_given=coefficients_given, device=device, progress=progress)
 
     return LearningPhase(memory_bytes=memory, run_phase=run_phase)
+
+
+def _with_coefficients(plan: Any, value: float) -> Any:
+    """Return the plan with `value` as every model's coefficient in every merged tensor."""
+    jobs = tuple(job if job.action != "merge" else
+                 dataclasses.replace(job, model_params=tuple({**mp, "coefficient": value} for mp in job.model_params))
+                 for job in plan.jobs)
+    return dataclasses.replace(plan, jobs=jobs)
 
 
 def _run(recipe: Any, plan: Any, tasks: list[str], *, coefficients_given: bool, device: torch.device, progress: bool) -> Any:

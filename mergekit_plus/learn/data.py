@@ -79,9 +79,11 @@ def read_labelled_rows(path: str) -> list[dict[str, Any]]:
         if file.suffix in TEXT_SUFFIXES:
             raise ValueError(f'{file} contains prompts only (one per line), but labelled data needs JSON Lines rows '
                              f'with a "prompt" and an "answer"')
-        if not isinstance(row.get("answer"), str):
-            raise ValueError(f'{file}:{number}: expected a string "answer" in a labelled row, got '
-                             f'{row.get("answer")!r}')
+        if "answer" not in row:
+            raise ValueError(f'{file}:{number}: the row has no "answer"; labelled data needs a string "answer" '
+                             'beside the "prompt"')
+        if not isinstance(row["answer"], str):
+            raise ValueError(f'{file}:{number}: expected a string "answer" in a labelled row, got {row["answer"]!r}')
         rows.append(row)
     if not rows:
         raise ValueError(f"data source {path} contains no rows")

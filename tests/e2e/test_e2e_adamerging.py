@@ -100,6 +100,21 @@ def test_recipe_coefficient_equals_task_arithmetic(tmp_path, llama_base, llama_f
     assert not (tmp_path / "ada" / "adamerging_coefficients.json").exists()
 
 
+def test_zero_steps_need_no_data(tmp_path, llama_base, llama_fine_tunes):
+    ada = write_recipe(tmp_path, recipe_for(tmp_path, llama_base, llama_fine_tunes,
+                                            parameters={"steps": 0, "init": 0.3}, data=None, output="ada"),
+                       name="ada.yaml")
+    invoke(["run", ada, "--quiet"], expected_exit=0)
+    coefficient = write_recipe(tmp_path, recipe_for(tmp_path, llama_base, llama_fine_tunes,
+                                              parameters={"coefficient": 0.3}, data=None, output="given"),
+                         name="given.yaml")
+    invoke(["run", coefficient, "--quiet"], expected_exit=0)
+
+    coefficient_tensors = read_tensors(tmp_path / "given")
+    for name, tensor in read_tensors(tmp_path / "ada").items():
+        assert torch.equal(tensor, coefficient_tensors[name]), name
+
+
 def test_missing_data_file_rejected(tmp_path, llama_fine_tunes):
     data = two_tasks(tmp_path)
     data["beta"]["path"] = tmp_path / "absent.jsonl"

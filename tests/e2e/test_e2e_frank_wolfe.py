@@ -177,7 +177,7 @@ def test_row_without_answer_rejected(tmp_path, llama_fine_tunes):
 
     result = invoke(["run", recipe, "--quiet"], expected_exit=1)
 
-    assert_mentions(message_of(result), r"alpha\.jsonl:2: expected a string \"answer\"")
+    assert_mentions(message_of(result), r"alpha\.jsonl:2: the row has no \"answer\"")
 
 
 def test_empty_data_section_rejected(tmp_path, llama_base, llama_fine_tunes):

@@ -225,7 +225,7 @@ def test_bert_task_extracts_with_own_head(tmp_path, bert_family):
     assert [task["prefix"] for task in manifest["tasks"]] == ["bert.", "bert."]
     assert {head["name"] for head in manifest["tasks"][1]["heads"]} == {"classifier.weight", "classifier.bias"}
 
-    invoke(["extract", tmp_path / "bundle", "--task", "ft-2", "-o", tmp_path / "ft-2"], expected_exit=0)
+    invoke(["extract", tmp_path / "bundle", "--task", "2", "-o", tmp_path / "ft-2"], expected_exit=0)
 
     model, info = BertForSequenceClassification.from_pretrained(tmp_path / "ft-2", output_loading_info=True)
     assert not info["missing_keys"]
@@ -362,7 +362,7 @@ def test_chosen_lambda_builds_mask(tmp_path, llama_base, llama_fine_tunes, label
     invoke(["run", recipe], expected_exit=0)
     chosen = json.loads((tmp_path / "bundle" / "bundle.json").read_text())["tasks"][1]["mask_lambda"]
 
-    invoke(["extract", tmp_path / "bundle", "--task", "llama-fine-tune-2", "-o", tmp_path / "task"], expected_exit=0)
+    invoke(["extract", tmp_path / "bundle", "--task", "two", "-o", tmp_path / "task"], expected_exit=0)
 
     expected = expected_task(read_tensors(llama_base), [read_tensors(path) for path in llama_fine_tunes], 1, chosen)
     rebuilt = read_tensors(tmp_path / "task")
@@ -376,7 +376,7 @@ def test_auto_lambda_with_ties_inner(tmp_path, llama_base, llama_fine_tunes, lab
                                                 density=0.5))
     invoke(["run", recipe, "--quiet"], expected_exit=0)
     selection = json.loads((tmp_path / "bundle" / "bundle.json").read_text())["tasks"][1]["lambda_selection"]
-    invoke(["extract", tmp_path / "bundle", "--task", "llama-fine-tune-2", "-o", tmp_path / "task"], expected_exit=0)
+    invoke(["extract", tmp_path / "bundle", "--task", "two", "-o", tmp_path / "task"], expected_exit=0)
 
     rows = [json.loads(line) for line in labelled_data["two"].read_text().splitlines()]
     answers = generate_answers(tmp_path / "task", [row["prompt"] for row in rows])
@@ -393,11 +393,11 @@ def test_plan_describes_bundle(tmp_path, llama_base, llama_fine_tunes, labelled_
     summary = json.loads(invoke(["plan", recipe, "--json"], expected_exit=0).stdout)
 
     assert_mentions(text, r"a tall_masks bundle, not a checkpoint", r"tau/NAME: τ_MTL, \d+ tensors",
-                    r"mask/TASK/NAME: 2 bit-packed masks, 1 bit per entry, for llama-fine-tune-1, llama-fine-tune-2",
+                    r"mask/TASK/NAME: 2 bit-packed masks, 1 bit per entry, for one, two",
                     r"bundle\.json \(the manifest\)", r"models/TASK/: 2 rebuilt task models",
                     r"storage estimate: the bundle's tensors take 0\.\d{4} of the 3 input checkpoints",
-                    r"llama-fine-tune-1 given, 1\.0; scored by exact match of the greedy answer on .*one\.jsonl \(10 examples\)",
-                    r"llama-fine-tune-2 chosen from 0\.5, 1\.0, 5\.0 by exact match of the greedy answer on .*two\.jsonl "
+                    r"one given, 1\.0; scored by exact match of the greedy answer on .*one\.jsonl \(10 examples\)",
+                    r"two chosen from 0\.5, 1\.0, 5\.0 by exact match of the greedy answer on .*two\.jsonl "
                     r"\(10 examples\)", r"the one nearest 0\.4 is kept")
     bundle = summary["bundle"]
     assert [task["mask_lambda"] for task in bundle["tasks"]] == [1.0, "auto"]
@@ -408,7 +408,7 @@ def test_plan_describes_bundle(tmp_path, llama_base, llama_fine_tunes, labelled_
     written = json.loads(invoke(["run", recipe, "--json", "--quiet"], expected_exit=0).stdout)
     assert written["total_bytes"] == bundle["weight_bytes"]
     assert written["storage"]["ratio"] == pytest.approx(bundle["storage"]["ratio"])
-    assert [task["name"] for task in written["tasks"]] == ["llama-fine-tune-1", "llama-fine-tune-2"]
+    assert [task["name"] for task in written["tasks"]] == ["one", "two"]
 
 
 def test_plan_of_given_lambdas_without_data(tmp_path, llama_base, llama_fine_tunes):
@@ -507,7 +507,7 @@ def test_classifier_lambda_scored_with_own_head(tmp_path, bert_family):
 
     selection = json.loads((tmp_path / "bundle" / "bundle.json").read_text())["tasks"][1]["lambda_selection"]
     assert selection["metric"] == "accuracy"
-    invoke(["extract", tmp_path / "bundle", "--task", "ft-2", "-o", tmp_path / "task"], expected_exit=0)
+    invoke(["extract", tmp_path / "bundle", "--task", "two", "-o", tmp_path / "task"], expected_exit=0)
     model = BertForSequenceClassification.from_pretrained(tmp_path / "task").eval()
     with torch.no_grad():
         predictions = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.argmax(-1).tolist()

@@ -327,7 +327,7 @@ def test_ties_initial_merge_equals_ties():
 def test_labelled_row_without_answer(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"prompt": "ab", "answer": "b"}\n\n{"prompt": "cd"}\n')
-    with pytest.raises(ValueError, match=r"rows\.jsonl:3: expected a string \"answer\""):
+    with pytest.raises(ValueError, match=r"rows\.jsonl:3: the row has no \"answer\""):
         read_labelled_rows(str(path))
 
 
