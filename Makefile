@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned to the CPU build that CI installs; a bare `torch` can pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test bench bench-quality bench-tall clean
+.PHONY: install demo test bench bench-quality bench-methods clean
 
 install: $(VENV)/.installed
 
@@ -31,10 +31,14 @@ bench: install
 bench-quality: install
 	$(BIN)/python benchmarks/quality.py
 
-# TALL-mask reconstructions of the bench zoo's fine-tunes, with lambda chosen on each task's train split.
-bench-tall: install
+# The bench-zoo measurements that do not fit the merge-quality table: TALL-mask reconstructions
+# (lambda chosen on each task's train split), Frank-Wolfe merging of four tasks with and without
+# irrelevant checkpoints, and MWA over the LoRA run's checkpoints. Each prints Markdown rows.
+bench-methods: install
 	$(BIN)/merge zoo build --size bench
 	$(BIN)/python benchmarks/tall_masks.py
+	bash benchmarks/frank_wolfe/run.sh
+	bash benchmarks/mwa/run.sh
 
 clean:
 	rm -rf build .pytest_cache
