@@ -9,7 +9,7 @@ otherwise as every `*.jsonl` file in it, in name order.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +99,26 @@ def check_labelled_source(path: str) -> str | None:
     return None
 
 
-def _numbered_rows(source: Path) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+def read_texts(path: Path, *, fields: Sequence[str], limit: int | None = None) -> list[str]:
+    """Read the text of each row of one file: a JSON Lines row's first string field of `fields`, or a line.
+
+    Files ending in .jsonl or .json hold JSON Lines, and any other file one text per line. At most
+    `limit` texts are read. Raise ValueError naming the file and line of an invalid row.
+    """
+    texts = []
+    for _, _, row in _numbered_rows(path, fields=fields):
+        texts.append(next(row[field] for field in fields if isinstance(row.get(field), str)))
+        if limit is not None and len(texts) >= limit:
+            break
+    return texts
+
+
+def _numbered_rows(source: Path, *, fields: Sequence[str] = ("prompt",)) -> Iterator[tuple[Path, int, dict[str, Any]]]:
     """Yield (file, line number, row) for every non-blank line of a file or of a folder's *.jsonl files.
 
-    Raise ValueError naming the file and line of a row that is not JSON or has no "prompt".
+    A line of a file that is not JSON Lines becomes a row whose first field of `fields` is the line.
+    Raise ValueError naming the file and line of a row that is not JSON or has none of `fields`
+    as a string.
     """
     files = sorted(source.glob("*.jsonl")) if source.is_dir() else [source]
     for file in files:
@@ -110,15 +126,16 @@ def _numbered_rows(source: Path) -> Iterator[tuple[Path, int, dict[str, Any]]]:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            if file.suffix in TEXT_SUFFIXES:
-                yield file, number, {"prompt": line}
+            if file.suffix not in JSONL_SUFFIXES:
+                yield file, number, {fields[0]: line}
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{file}:{number}: invalid JSON: {error.msg}") from error
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(f'{file}:{number}: expected an object with a string "prompt"')
+            if not isinstance(row, dict) or not any(isinstance(row.get(field), str) for field in fields):
+                expected = " or ".join(f'"{field}"' for field in fields)
+                raise ValueError(f"{file}:{number}: expected an object with a string {expected}")
             yield file, number, row
 
 

@@ -9,7 +9,6 @@ of a tuple output, is the router-logit matrix (tokens × E).
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from mergekit_plus.errors import InputError
+from mergekit_plus.learn.data import read_texts
 
 logger = logging.getLogger(__name__)
 
@@ -71,25 +71,12 @@ def _read_texts(path: Path, *, limit: int) -> list[str]:
         raise InputError(f"calibration file {path} not found",
                          hint="set `calibration:` to a .jsonl or .txt file, such as build/zoo/test/lm/data/vowels/"
                               "calibration.jsonl")
-    texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: invalid JSON ({exc.msg})",
-                                 hint="write one JSON object per line, or use a .txt file with one text per line") from exc
-            field = next((key for key in _TEXT_FIELDS if isinstance(record, dict) and key in record), None)
-            if field is None:
-                raise InputError(f"{path}:{number}: no text field; expected one of {', '.join(_TEXT_FIELDS)}",
-                                 hint='write lines such as {"text": "..."}')
-            texts.append(str(record[field]))
-        else:
-            texts.append(line)
-        if len(texts) >= limit:
-            break
+    # The recipe's `data:` files are read by the same reader, so both accept the same rows.
+    try:
+        texts = read_texts(path, fields=_TEXT_FIELDS, limit=limit)
+    except ValueError as exc:
+        raise InputError(str(exc), hint='write one JSON object per line, such as {"text": "..."}, or use a .txt '
+                                        "file with one text per line") from exc
     if not texts:
         raise InputError(f"calibration file {path} contains no text", hint="add at least one line of text")
     return texts
