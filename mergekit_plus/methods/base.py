@@ -101,6 +101,25 @@ ModelCheck = Callable[[Sequence[MergeTarget]], list[str]]
 """Check run by the planner over every merged tensor at once, for parameters that must agree
 across tensors; returns problems as sentences."""
 
+WHOLE_MERGE_REASON = "it must be one value for the whole merge"
+
+
+def varying_param_problem(targets: Sequence[MergeTarget], name: str, reason: str = WHOLE_MERGE_REASON,
+                          fix: str = "") -> str | None:
+    """Return the problem when the global parameter `name` takes several values across `targets`, else None.
+
+    The sentence names two of the values, each with a tensor that has it, then `reason` (why one
+    value is needed) and `fix`, an alternative added after the usual advice.
+    """
+    values: dict[str, tuple[Any, str]] = {}
+    for target in targets:
+        value = target.params[name]
+        values.setdefault(repr(value), (value, target.name))
+    if len(values) <= 1:
+        return None
+    examples = ", ".join(f"{value} for {tensor}" for value, tensor in list(values.values())[:2])
+    return f"`{name}` varies by tensor ({examples}), but {reason}; set a single `{name}` under `parameters:`{fix}"
+
 
 class ModelStatistics(ABC):
     """A reducer of whole-model statistics, fed every merged tensor before any tensor is merged.

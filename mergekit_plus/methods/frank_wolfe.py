@@ -59,7 +59,7 @@ from typing import Any
 import torch
 
 from mergekit_plus.methods.adamerging import LearnedMergeMethod
-from mergekit_plus.methods.base import MergeTarget, Param
+from mergekit_plus.methods.base import MergeTarget, Param, varying_param_problem
 from mergekit_plus.methods.chunks import TaskVectors
 from mergekit_plus.methods.linear import validate_inputs
 
@@ -143,16 +143,8 @@ def check_params(params: Mapping[str, Any], model_params: Sequence[Mapping[str, 
 
 def check_learning_params(targets: Sequence[MergeTarget]) -> list[str]:
     """Check that every parameter of the learning phase is one value for the whole merge."""
-    problems = []
-    for name in LEARNING_PARAMS:
-        values: dict[Any, str] = {}
-        for target in targets:
-            values.setdefault(target.params[name], target.name)
-        if len(values) > 1:
-            examples = ", ".join(f"{value!r} for {tensor}" for value, tensor in list(values.items())[:2])
-            problems.append(f"`{name}` varies by tensor ({examples}), but the Frank-Wolfe iterations use one value "
-                            f"for the whole merge; set a single `{name}` under `parameters:`")
-    return problems
+    reason = "the Frank-Wolfe iterations use one value for the whole merge"
+    return [problem for name in LEARNING_PARAMS if (problem := varying_param_problem(targets, name, reason))]
 
 
 def operator(

@@ -55,7 +55,14 @@ from typing import Any
 
 import torch
 
-from mergekit_plus.methods.base import MergeMethod, MergeTarget, ModelStatistics, Param, TensorLayer
+from mergekit_plus.methods.base import (
+    MergeMethod,
+    MergeTarget,
+    ModelStatistics,
+    Param,
+    TensorLayer,
+    varying_param_problem,
+)
 from mergekit_plus.methods.chunks import Chunk, TaskVectors
 from mergekit_plus.methods.linear import validate_inputs
 from mergekit_plus.methods.sparsify import SIGN_ELECTIONS, consensus_merge
@@ -424,15 +431,8 @@ def check_params(params: Mapping[str, Any], model_params: Sequence[Mapping[str, 
 
 def check_model(targets: Sequence[MergeTarget]) -> list[str]:
     """Check that alpha, beta and inner are one value each, and with `inner: ties` the TIES scope and densities."""
-    problems = []
-    for name in _UNIFORM_PARAMS:
-        values: dict[Any, str] = {}
-        for target in targets:
-            values.setdefault(target.params[name], target.name)
-        if len(values) > 1:
-            examples = ", ".join(f"{value} for {tensor}" for value, tensor in list(values.items())[:2])
-            problems.append(f"`{name}` varies by tensor ({examples}), but LiNeS scales the whole model with one "
-                            f"value; set a single `{name}` under `parameters:`")
+    problems = [problem for name in _UNIFORM_PARAMS
+                if (problem := varying_param_problem(targets, name, "LiNeS scales the whole model with one value"))]
     if problems or not targets or targets[0].params["inner"] != "ties":
         return problems
     return check_model_scope(targets)

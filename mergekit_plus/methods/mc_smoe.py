@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mergekit_plus.methods.base import REQUIRED, MergeMethod, MergeTarget, Param
+from mergekit_plus.methods.base import REQUIRED, MergeMethod, MergeTarget, Param, varying_param_problem
 
 STRATEGIES = ("mc_smoe", "drop_least_used", "random_average")
 ROUTER_ROWS = ("dominant", "weighted_mean")
@@ -65,11 +65,7 @@ def _check_mc_smoe_model(targets: Sequence[MergeTarget]) -> list[str]:
     problems = []
     if not targets:
         return problems
-    for param in PARAMS:
-        values = {repr(target.params[param.name]) for target in targets}
-        if len(values) > 1:
-            problems.append(f"`{param.name}` varies by tensor, but it must be one value for the whole merge; "
-                            "set it once under `parameters:`")
+    problems += [problem for param in PARAMS if (problem := varying_param_problem(targets, param.name))]
     if len(targets[0].model_params) != 1:
         problems.append(f"mc_smoe merges the experts of one model, but the recipe lists {len(targets[0].model_params)}; "
                         "list only the MoE checkpoint under `models:`")

@@ -70,7 +70,7 @@ from typing import Any
 
 import torch
 
-from mergekit_plus.methods.base import MergeMethod, MergeTarget, ModelStatistics, Param
+from mergekit_plus.methods.base import MergeMethod, MergeTarget, ModelStatistics, Param, varying_param_problem
 from mergekit_plus.methods.chunks import TaskVectors
 from mergekit_plus.methods.linear import validate_inputs
 from mergekit_plus.methods.sparsify import (
@@ -575,16 +575,13 @@ def check_model_scope(targets: Sequence[MergeTarget]) -> list[str]:
     for name in names:
         if name != "scope" and (not targets or targets[0].params["scope"] != "model"):
             continue
-        values: dict[Any, str] = {}
-        for target in targets:
-            values.setdefault(target.params[name], target.name)
-        if len(values) > 1:
-            examples = ", ".join(f"{value} for {tensor}" for value, tensor in values.items())
-            reason = ("it must be one value for the whole merge" if name == "scope" else
-                      "`scope: model` balances each task vector over the whole model with one value")
-            fix = "" if name == "scope" else ", or set `scope: tensor`"
-            problems.append(f"`{name}` varies by tensor ({examples}), but {reason}; set a single `{name}` "
-                            f"under `parameters:`{fix}")
+        if name == "scope":
+            problem = varying_param_problem(targets, name)
+        else:
+            problem = varying_param_problem(targets, name, "`scope: model` balances each task vector over the whole "
+                                            "model with one value", ", or set `scope: tensor`")
+        if problem is not None:
+            problems.append(problem)
             if name == "scope":
                 return problems
     return problems

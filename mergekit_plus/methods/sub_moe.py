@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mergekit_plus.methods.base import REQUIRED, MergeTarget, Param
+from mergekit_plus.methods.base import REQUIRED, MergeTarget, Param, varying_param_problem
 from mergekit_plus.methods.mc_smoe import ROUTER_ROWS, MoeMergeMethod, moe_target_problems, reject_tensor_call
 
 PARAMS = (
@@ -49,11 +49,7 @@ def _check_sub_moe_model(targets: Sequence[MergeTarget]) -> list[str]:
     problems: list[str] = []
     if not targets:
         return problems
-    for param in PARAMS:
-        values = {repr(target.params[param.name]) for target in targets}
-        if len(values) > 1:
-            problems.append(f"`{param.name}` varies by tensor, but it must be one value for the whole merge; "
-                            "set it once under `parameters:`")
+    problems += [problem for param in PARAMS if (problem := varying_param_problem(targets, param.name))]
     if len(targets[0].model_params) != 1:
         problems.append(f"sub_moe merges the experts of one model, but the recipe lists "
                         f"{len(targets[0].model_params)}; list only the MoE checkpoint under `models:`")

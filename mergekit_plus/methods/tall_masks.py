@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from mergekit_plus.methods.base import MergeMethod, MergeTarget, Param
+from mergekit_plus.methods.base import MergeMethod, MergeTarget, Param, varying_param_problem
 from mergekit_plus.methods.chunks import Chunk, ChunkScratch, TaskVectors, chunk_bounds
 from mergekit_plus.methods.linear import validate_inputs
 from mergekit_plus.methods.sparsify import SIGN_ELECTIONS, consensus_merge
@@ -130,14 +130,8 @@ def check_inner_params(params: Mapping[str, Any], model_params: Sequence[Mapping
 
 def check_inner_is_uniform(targets: Sequence[MergeTarget]) -> list[str]:
     """Check that `inner` is one value for the whole merge."""
-    inners: dict[str, str] = {}
-    for target in targets:
-        inners.setdefault(target.params["inner"], target.name)
-    if len(inners) <= 1:
-        return []
-    examples = ", ".join(f"{inner} for {name}" for inner, name in inners.items())
-    return [f"`inner` varies by tensor ({examples}), but it must be one value for the whole merge; "
-            "set a single `inner` under `parameters:`"]
+    problem = varying_param_problem(targets, "inner")
+    return [] if problem is None else [problem]
 
 
 def multi_task_vector(
@@ -384,9 +378,8 @@ def _check_lambda_selection(targets: Sequence[MergeTarget]) -> list[str]:
     problems = []
     for param in (LAMBDA_GRID, LAMBDA_TIE_BREAK):
         values = {target.params[param.name] for target in targets}
-        if len(values) > 1:
-            problems.append(f"`{param.name}` varies by tensor, but it must be one value for the whole merge; "
-                            "set it once under `parameters:`")
+        if problem := varying_param_problem(targets, param.name):
+            problems.append(problem)
         elif targets and not searched_models(targets) and next(iter(values)) != param.default:
             problems.append(f"`{param.name}` applies only with `mask_lambda: auto`, but no model's `mask_lambda` "
                             "is auto; remove it or set `mask_lambda: auto`")
@@ -533,10 +526,8 @@ def _tall_masks_statistics(targets: Sequence[MergeTarget], compute_dtype: torch.
 
 def _check_tall_masks_model(targets: Sequence[MergeTarget]) -> list[str]:
     problems = check_inner_is_uniform(targets) + _check_lambda_selection(targets)
-    per_task = {target.params["per_task_models"] for target in targets}
-    if len(per_task) > 1:
-        problems.append("`per_task_models` varies by tensor, but it must be one value for the whole merge; "
-                        "set it once under `parameters:`")
+    if problem := varying_param_problem(targets, "per_task_models"):
+        problems.append(problem)
     if problems or not targets or targets[0].params["inner"] != "ties":
         return problems
     return check_model_scope(targets)

@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from mergekit_plus.methods.base import MergeMethod, MergeTarget, ModelStatistics, Param
+from mergekit_plus.methods.base import MergeMethod, MergeTarget, ModelStatistics, Param, varying_param_problem
 from mergekit_plus.methods.chunks import Chunk, ChunkScratch, TaskVectors
 from mergekit_plus.methods.linear import validate_inputs
 from mergekit_plus.methods.sparsify import (
@@ -373,13 +373,9 @@ class TiesStatistics(ModelStatistics):
 
 def check_model_scope(targets: Sequence[MergeTarget]) -> list[str]:
     """Check that `scope` is one value, and that with `scope: model` each model's density is one value."""
-    scopes: dict[str, str] = {}
-    for target in targets:
-        scopes.setdefault(target.params["scope"], target.name)
-    if len(scopes) > 1:
-        examples = ", ".join(f"{scope} for {name}" for scope, name in scopes.items())
-        return [f"`scope` varies by tensor ({examples}), but it must be one value for the whole merge; "
-                "set a single `scope` under `parameters:`"]
+    problem = varying_param_problem(targets, "scope")
+    if problem is not None:
+        return [problem]
     if not targets or targets[0].params["scope"] != "model":
         return []
 

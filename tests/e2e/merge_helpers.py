@@ -27,6 +27,21 @@ def write_recipe(folder: Path, recipe: dict, *, name: str = "recipe.yaml") -> Pa
     return path
 
 
+def two_task_recipe(method: str, tmp_path: Path, base: Path, fine_tunes: tuple[Path, Path], *, parameters: dict,
+                    data: dict | None, output: str = "merged") -> dict:
+    """Return a recipe of a method that learns from `data:`, over two fine-tunes of tasks `alpha` and `beta`."""
+    recipe = {
+        "merge_method": method,
+        "base_model": base,
+        "models": [{"model": fine_tunes[0], "task": "alpha"}, {"model": fine_tunes[1], "task": "beta"}],
+        "parameters": parameters,
+        "output": {"path": tmp_path / output},
+    }
+    if data is not None:
+        recipe["data"] = data
+    return recipe
+
+
 def _plain(value):
     if isinstance(value, Path):
         return str(value)

@@ -6,7 +6,15 @@ import json
 from pathlib import Path
 
 import torch
-from merge_helpers import assert_mentions, invoke, load_and_generate, message_of, read_tensors, write_recipe
+from merge_helpers import (
+    assert_mentions,
+    invoke,
+    load_and_generate,
+    message_of,
+    read_tensors,
+    two_task_recipe,
+    write_recipe,
+)
 
 ROWS = [("hello there", " a"), ("a cat sat", " b"), ("the dog ran", " c"), ("one two", " d")]
 
@@ -17,18 +25,8 @@ def write_rows(folder: Path, name: str, rows=ROWS) -> Path:
     return path
 
 
-def recipe_for(tmp_path: Path, base: Path, fine_tunes: tuple[Path, Path], *, parameters: dict,
-               data: dict | None, output: str = "merged") -> dict:
-    recipe = {
-        "merge_method": "frank_wolfe",
-        "base_model": base,
-        "models": [{"model": fine_tunes[0], "task": "alpha"}, {"model": fine_tunes[1], "task": "beta"}],
-        "parameters": parameters,
-        "output": {"path": tmp_path / output},
-    }
-    if data is not None:
-        recipe["data"] = data
-    return recipe
+def recipe_for(tmp_path: Path, base: Path, fine_tunes: tuple[Path, Path], **options) -> dict:
+    return two_task_recipe("frank_wolfe", tmp_path, base, fine_tunes, **options)
 
 
 def alpha_only(tmp_path: Path) -> dict:
