@@ -11,6 +11,13 @@ Objective for causal LMs, per task and mini-batch of prompts:
    entropy of the next-token distribution at every answer position (`positions: answer`), up to
    and including the one that predicts end-of-sequence, or at the first one only (`positions: first`).
 3. Average over positions and prompts; sum over tasks; one Adam step on the coefficients.
+
+Objective for sequence classifiers (every model's config names a `...ForSequenceClassification`
+architecture, such as BERT fine-tunes of a bare `BertModel` base), as in the AdaMerging paper:
+each task keeps its own classification head. Per task and mini-batch of unlabelled texts, the
+task's fine-tune (its config, head and every tensor outside the merge) runs with the merged
+tensors in place of its own, and the loss is the entropy of softmax(logits), averaged over the
+texts and summed over tasks.
 """
 
 from __future__ import annotations
@@ -21,20 +28,23 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mergekit_plus.errors import InputError, RecipeError
-from mergekit_plus.learn.data import read_rows, task_of_model
+from mergekit_plus.learn.data import read_rows, read_texts, task_of_model
 from mergekit_plus.methods.adamerging import ties_process
 
 logger = logging.getLogger(__name__)
 
 COEFFICIENTS_FILE = "adamerging_coefficients.json"
 HEATMAP_FILE = "adamerging_coefficients.png"
+CLASSIFIER_TEXT_FIELD = "text"
+CAUSAL_LM_PARAMETERS = ("positions", "answer_tokens")
+"""Parameters of the causal LM objective, which a classifier's label entropy has no use for."""
 
 
 @dataclasses.dataclass
@@ -69,12 +79,22 @@ class TaskPrompts:
     max_length: int
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskClassifier:
+    """One task's fine-tuned sequence classifier, and the prefix of the merged tensors' names in it."""
+
+    network: torch.nn.Module
+    prefix: str
+
+
 @dataclasses.dataclass
 class LearningPhase:
     """The learning phase of a plan: its memory estimate and the function that runs it."""
 
     memory_bytes: int
     run_phase: Any
+    memory_contents: str = "base and task vectors"
+    """The contents that `memory_bytes` counts, named in the planner's log line."""
 
     def run(self, plan: Any, *, device: torch.device, progress: bool) -> Any:
         """Learn the coefficients and return the plan with them in every merged tensor's parameters."""
@@ -107,19 +127,32 @@ def plan_adamerging(recipe: Any, plan: Any) -> LearningPhase | None:
         raise RecipeError(["adamerging learns its coefficients from prompts: add a `data:` section with one entry "
                            "per task, or set `coefficients:` to a coefficients JSON file of an earlier run"])
     tasks = [task_of_model(spec.model, spec.task) for spec in recipe.models]
-    if not coefficients_file and not coefficients_given:
+    learns = not coefficients_file and not coefficients_given
+    if learns:
         missing = [task for task in tasks if task not in recipe.data]
         if missing:
             raise RecipeError([f"`data:` has no entry for task(s) {', '.join(missing)}; add one per model"])
+    classifiers = learns and _are_classifiers(plan)
+    if classifiers:
+        unused = [name for name in CAUSAL_LM_PARAMETERS if name in recipe.parameters]
+        if unused:
+            raise RecipeError([f"`{name}` sets the causal LM objective, but the models are sequence classifiers, "
+                               f"whose entropy is that of their labels; remove it" for name in unused])
+    # A classifier's texts are read now, so that a bad row is reported before any tensor is read.
+    texts = _read_classifier_texts(recipe, tasks) if classifiers else None
 
-    # Base and T task vectors in float32. The model's activations come on top.
+    # Base and T task vectors in float32, plus the T classifiers when they learn. Activations come on top.
     merged_numel = sum(math.prod(job.output.shape) for job in merged)
     memory = (len(plan.models) + 2) * merged_numel * 4
+    if texts is not None:
+        memory += len(plan.models) * merged_numel * 4
 
     def run_phase(plan: Any, *, device: torch.device, progress: bool) -> Any:
-        return _run(recipe, plan, tasks, coefficients_given=coefficients_given, device=device, progress=progress)
+        return _run(recipe, plan, tasks, coefficients_given=coefficients_given, texts=texts, device=device,
+                    progress=progress)
 
-    return LearningPhase(memory_bytes=memory, run_phase=run_phase)
+    contents = "base, task vectors and task classifiers" if texts is not None else "base and task vectors"
+    return LearningPhase(memory_bytes=memory, run_phase=run_phase, memory_contents=contents)
 
 
 def _with_coefficients(plan: Any, value: float) -> Any:
@@ -130,7 +163,26 @@ def _with_coefficients(plan: Any, value: float) -> Any:
     return dataclasses.replace(plan, jobs=jobs)
 
 
-def _run(recipe: Any, plan: Any, tasks: list[str], *, coefficients_given: bool, device: torch.device, progress: bool) -> Any:
+def _are_classifiers(plan: Any) -> bool:
+    """Tell whether every model is a sequence classifier, whose heads give the classifier objective.
+
+    Raise InputError when only some of them are.
+    """
+    from mergekit_plus.zoo.evaluate import SEQUENCE_CLASSIFICATION, model_kind
+
+    kinds = [model_kind(model.reader.config) == SEQUENCE_CLASSIFICATION for model in plan.models]
+    if all(kinds):
+        return True
+    if any(kinds):
+        named = ", ".join(model.source.label for model, kind in zip(plan.models, kinds) if kind)
+        raise InputError(f"adamerging learns on sequence classifiers or on causal LMs, but only some models are "
+                         f"sequence classifiers: {named}",
+                         hint="merge fine-tunes that all have a ...ForSequenceClassification config, or none")
+    return False
+
+
+def _run(recipe: Any, plan: Any, tasks: list[str], *, coefficients_given: bool, texts: list[TaskPrompts] | None,
+         device: torch.device, progress: bool) -> Any:
     merged = [job for job in plan.jobs if job.action == "merge"]
     params = dict(merged[0].params)
     names = [job.name for job in merged]
@@ -150,6 +202,11 @@ def _run(recipe: Any, plan: Any, tasks: list[str], *, coefficients_given: bool, 
     elif params["coefficients"]:
         learned = _load_coefficients(Path(params["coefficients"]), tasks, names)
         learned.thresholds = thresholds
+    elif texts is not None:
+        classifiers = _load_classifiers(plan, names, device)
+        learned = learn_classifier_coefficients(classifiers, _load_tokenizer(plan), base, vectors, texts,
+                                                params=params, seed=recipe.seed, device=device, progress=progress)
+        learned = dataclasses.replace(learned, tasks=tasks, tensors=names, thresholds=thresholds)
     else:
         prompts = _read_prompts(recipe, tasks)
         network = _load_network(plan, device)
@@ -221,20 +278,61 @@ def learn_coefficients(network: torch.nn.Module, tokenizer: Any, base: dict[str,
                        vectors: Sequence[dict[str, torch.Tensor]], prompts: Sequence[TaskPrompts], *,
                        params: dict[str, Any], seed: int, device: torch.device,
                        progress: bool = False) -> LearnedCoefficients:
-    """Minimise the prediction entropy on every task's prompts over the merge coefficients.
+    """Minimise a causal LM's answer entropy on every task's prompts over the merge coefficients.
 
     `prompts[i]` contains the prompts of the task of `vectors[i]`, already cut to the data's sample count,
     with that task's batch size and maximum prompt length in tokens. Returns the final coefficients,
     clamped to [0, 1] when `params["clamp"]`.
     """
+    network.requires_grad_(False)
+    network.eval()
+
+    def batch_entropy(task: int, weights: dict[str, torch.Tensor], batch: list[str]) -> torch.Tensor:
+        return answer_entropy(network, weights, tokenizer, batch, params=params,
+                              max_length=prompts[task].max_length, device=device)
+
+    return _minimise_entropy(batch_entropy, base, vectors, prompts, params=params, seed=seed, device=device,
+                             progress=progress)
+
+
+def learn_classifier_coefficients(classifiers: Sequence[TaskClassifier], tokenizer: Any,
+                                  base: dict[str, torch.Tensor], vectors: Sequence[dict[str, torch.Tensor]],
+                                  texts: Sequence[TaskPrompts], *, params: dict[str, Any], seed: int,
+                                  device: torch.device, progress: bool = False) -> LearnedCoefficients:
+    """Minimise every task's classification entropy on its own texts over the merge coefficients.
+
+    `classifiers[i]` is the fine-tune of the task of `vectors[i]`, which keeps its own head, and
+    `texts[i]` contains that task's unlabelled texts with its batch size and maximum length in tokens.
+    Returns the final coefficients, clamped to [0, 1] when `params["clamp"]`.
+    """
+    if tokenizer.pad_token_id is None:
+        raise InputError("the tokenizer has no padding token, so adamerging cannot batch the classifiers' texts",
+                         hint="use a tokenizer source whose tokenizer sets pad_token")
+    for classifier in classifiers:
+        classifier.network.requires_grad_(False)
+        classifier.network.eval()
+
+    def batch_entropy(task: int, weights: dict[str, torch.Tensor], batch: list[str]) -> torch.Tensor:
+        classifier = classifiers[task]
+        named = {classifier.prefix + name: tensor for name, tensor in weights.items()}
+        return classification_entropy(classifier.network, named, tokenizer, batch,
+                                      max_length=texts[task].max_length, device=device)
+
+    return _minimise_entropy(batch_entropy, base, vectors, texts, params=params, seed=seed, device=device,
+                             progress=progress)
+
+
+def _minimise_entropy(batch_entropy: Callable[[int, dict[str, torch.Tensor], list[str]], torch.Tensor],
+                      base: dict[str, torch.Tensor], vectors: Sequence[dict[str, torch.Tensor]],
+                      data: Sequence[TaskPrompts], *, params: dict[str, Any], seed: int, device: torch.device,
+                      progress: bool) -> LearnedCoefficients:
+    """Run the Adam steps: per step, the sum over tasks of `batch_entropy(task, merged weights, batch)`."""
     names = list(base)
     count = len(vectors)
     rows = 1 if params["granularity"] == "task" else len(names)
     raw = torch.full((rows, count), float(params["init"]), device=device, requires_grad=True)
     optimizer = torch.optim.Adam([raw], lr=params["lr"], betas=(0.9, 0.999), weight_decay=0.0)
     stacked = {name: torch.stack([vector[name] for vector in vectors]) for name in names}
-    network.requires_grad_(False)
-    network.eval()
     generator = random.Random(seed)
     losses: list[float] = []
 
@@ -242,11 +340,10 @@ def learn_coefficients(network: torch.nn.Module, tokenizer: Any, base: dict[str,
         optimizer.zero_grad()
         weights = _merged_weights(raw, base, stacked, clamp=params["clamp"])
         total = torch.zeros((), device=device)
-        for task in prompts:
+        for index, task in enumerate(data):
             for _ in range(params["batches_per_step"]):
                 batch = generator.sample(task.texts, min(task.batch_size, len(task.texts)))
-                total = total + answer_entropy(network, weights, tokenizer, batch, params=params,
-                                               max_length=task.max_length, device=device)
+                total = total + batch_entropy(index, weights, batch)
         total.backward()
         optimizer.step()
         losses.append(total.item())
@@ -309,6 +406,41 @@ def answer_entropy(network: torch.nn.Module, weights: dict[str, torch.Tensor], t
     return (entropy * valid).sum() / valid.sum()
 
 
+def classification_entropy(network: torch.nn.Module, weights: dict[str, torch.Tensor], tokenizer: Any,
+                           texts: Sequence[str], *, max_length: int, device: torch.device) -> torch.Tensor:
+    """Return the mean entropy of the classifier's label distribution, softmax(logits), over `texts`.
+
+    `weights` replaces the network's tensors of the same names, and the rest (the head) stays its own.
+    Each text is cut to its first `max_length` tokens.
+    """
+    from torch.func import functional_call
+
+    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    logits = functional_call(network, weights, args=(), kwargs=dict(batch.to(device))).logits
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1).mean()
+
+
+def _read_classifier_texts(recipe: Any, tasks: list[str]) -> list[TaskPrompts]:
+    texts = []
+    for task in tasks:
+        entry = recipe.data[task]
+        path = Path(entry.path)
+        if path.is_dir() and (path / "dataset_info.json").is_file():
+            raise InputError(f"data of task {task}: {path} is a saved Hugging Face dataset, but adamerging reads "
+                             "a classifier's texts from JSON Lines or text files only",
+                             hint=f'export its texts to JSON Lines rows with a "{CLASSIFIER_TEXT_FIELD}" key')
+        try:
+            rows = read_texts(path, fields=(CLASSIFIER_TEXT_FIELD,), limit=entry.samples)
+        except ValueError as error:
+            raise InputError(str(error), hint=f'give every row of the data file of task {task} a string '
+                             f'"{CLASSIFIER_TEXT_FIELD}"; a classifier learns from texts, not prompts') from error
+        if not rows:
+            raise InputError(f"data of task {task}: {path} contains no rows", hint="add unlabelled texts to it")
+        texts.append(TaskPrompts(rows, entry.batch_size, entry.max_length))
+    return texts
+
+
 def _read_prompts(recipe: Any, tasks: list[str]) -> list[TaskPrompts]:
     prompts = []
     for task in tasks:
@@ -329,6 +461,24 @@ def _load_network(plan: Any, device: torch.device) -> torch.nn.Module:
     from mergekit_plus.zoo.evaluate import load_causal_lm
 
     return load_causal_lm(plan.base.source.folder).to(device)
+
+
+def _load_classifiers(plan: Any, names: list[str], device: torch.device) -> list[TaskClassifier]:
+    """Load every model's fine-tune, head included, and check that it has every merged tensor."""
+    from mergekit_plus.zoo.evaluate import SEQUENCE_CLASSIFICATION, load_scoring_model
+
+    classifiers = []
+    for model in plan.models:
+        network = load_scoring_model(model.source.folder, SEQUENCE_CLASSIFICATION).to(device)
+        own = network.state_dict()
+        unknown = [name for name in names if model.prefix + name not in own]
+        if unknown:
+            raise InputError(f"the sequence classifier of {model.label} has no tensor named "
+                             f"{model.prefix + unknown[0]} ({len(unknown)} merged tensors missing in all), so "
+                             "adamerging cannot run it with the merged tensors",
+                             hint="merge checkpoints whose tensor names match their transformers class")
+        classifiers.append(TaskClassifier(network, model.prefix))
+    return classifiers
 
 
 def _load_tokenizer(plan: Any) -> Any:

@@ -9,8 +9,10 @@ Formula, with base θ₀, models θ₁ … θ_T and task vectors τᵢ = θᵢ �
     granularity layer:  θ[k](Λ) = θ₀[k] + Σᵢ Λᵢₖ τᵢ[k]         (one Λᵢₖ per model and merged tensor k)
 
 The coefficients start at `init` and take `steps` Adam steps that minimise the prediction entropy
-of θ(λ) on unlabelled prompts of every task (`mergekit_plus/learn/adamerging.py` runs that phase
-before the merge). With `clamp`, every forward pass uses clamp(λ, 0, 1), as the paper's code does.
+of θ(λ) on unlabelled inputs of every task (`mergekit_plus/learn/adamerging.py` runs that phase
+before the merge). For sequence classifiers, as in the paper, that is the entropy of each task's
+own head's label distribution on the task's texts. For causal LMs, it is the entropy of the
+next-token distributions at the positions of the merged model's own answer. With `clamp`, every forward pass uses clamp(λ, 0, 1), as the paper's code does.
 With `task_vectors: ties` (the paper's "AdaMerging++"), each τᵢ is first TIES-processed: entries
 with |τᵢ| below the model's trim threshold qᵢ become 0 (qᵢ keeps the top `density` fraction of the
 whole flattened task vector), and entries whose sign disagrees with sign(Σᵢ τ̂ᵢ) become 0.
@@ -23,8 +25,9 @@ Parameters:
     steps (default 500), lr (default 0.001), init (default 0.3), clamp (default true): the
         optimisation, with the paper's code's values.
     task_vectors (default "plain"): "plain" or "ties" (AdaMerging++), with `density` (default 0.2).
-    positions (default "answer"), answer_tokens (default 4), batches_per_step (default 1): the
-        entropy objective for causal LMs, see docs/methods/adamerging.md.
+    positions (default "answer"), answer_tokens (default 4): the entropy objective for causal
+        LMs, see docs/methods/adamerging.md; a recipe of sequence classifiers may not set them.
+    batches_per_step (default 1): mini-batches per task in each Adam step.
     coefficients (default ""): a JSON file of coefficients that an earlier run wrote; learning
         is then skipped.
     coefficient (per model, default unset): the model's coefficient for a tensor. Set for every
@@ -162,7 +165,7 @@ METHOD = LearnedMergeMethod(
     name="adamerging",
     title="AdaMerging",
     paper="Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024, arXiv:2310.02575",
-    summary="Learns task-wise or layer-wise task-vector coefficients by entropy minimisation on unlabelled prompts.",
+    summary="Learns task-wise or layer-wise task-vector coefficients by entropy minimisation on unlabelled inputs.",
     requires_base=True,
     operator=operator,
     params=PARAMS,

@@ -32,8 +32,9 @@ def _load_harness():
 quality = _load_harness()
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "consensus", "lines", "pcb")
-# Recipes of one family only, by their label (`<method>[+<variant>]`): AdaMerging learns on causal LMs only.
+# Recipes beyond METHODS, by their label (`<method>[+<variant>]`). AdaMerging has one recipe per family.
 LM_ONLY = ("adamerging", "adamerging+task")
+ENCODER_ONLY = ("adamerging", "adamerging+task")
 # The settings the recipes must carry: the usual ones of each method's paper.
 EXPECTED_PARAMETERS = {
     "linear": {"weight": 1.0, "normalize": True},
@@ -48,6 +49,11 @@ EXPECTED_PARAMETERS = {
                    "positions": "answer"},
     "adamerging+task": {"granularity": "task", "steps": 500, "lr": 0.001, "init": 0.3, "clamp": True,
                         "positions": "answer"},
+}
+# A classifier's entropy is that of its head's labels, so the encoder recipes have no answer `positions`.
+ENCODER_PARAMETERS = {
+    "adamerging": {"granularity": "layer", "steps": 500, "lr": 0.001, "init": 0.3, "clamp": True},
+    "adamerging+task": {"granularity": "task", "steps": 500, "lr": 0.001, "init": 0.3, "clamp": True},
 }
 
 
@@ -75,6 +81,7 @@ def test_recipes_one_per_family_and_method():
     recipes = quality.read_recipes(quality.RECIPE_DIR)
     expected = [(family, method) for family in ("lm", "encoder") for method in METHODS]
     expected += [("lm", label) for label in LM_ONLY]
+    expected += [("encoder", label) for label in ENCODER_ONLY]
     assert sorted((recipe.family, recipe.label) for recipe in recipes) == sorted(expected)
     assert set(METHODS) | {label.partition("+")[0] for label in LM_ONLY} <= {method.name for method in list_methods()}
 
@@ -88,7 +95,8 @@ def test_recipe_valid_and_names_bench_zoo(path, monkeypatch):
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     family, _, label = path.stem.partition("-")
     assert data["merge_method"] == label.partition("+")[0]
-    assert data["parameters"] == EXPECTED_PARAMETERS[label]
+    expected = ENCODER_PARAMETERS.get(label) if family == "encoder" else None
+    assert data["parameters"] == (expected or EXPECTED_PARAMETERS[label])
     assert data["seed"] == 0
     assert data["output"] == {"path": f"build/merged/zoo/{family}-{label}"}
     assert all(entry["model"].startswith(f"build/zoo/bench/{family}/ft-") for entry in data["models"])

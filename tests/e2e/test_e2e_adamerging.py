@@ -1,11 +1,18 @@
-"""AdaMerging through `merge run` on checkpoints that transformers wrote: learning, reuse, and `data:` errors."""
+"""AdaMerging through `merge run` on checkpoints that transformers wrote: learning, reuse, and `data:` errors.
+
+The causal LM tests use two tiny Llama fine-tunes. The classifier tests use two tiny BERT fine-tunes
+of a bare `BertModel` base, each with its own head (2 and 3 labels), as the AdaMerging paper merges.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
+from checkpoints import build_bert_family, build_tokenizer
 from merge_helpers import (
     assert_mentions,
     invoke,
@@ -17,6 +24,7 @@ from merge_helpers import (
 )
 
 PROMPTS = ["hello there", "a cat sat", "the dog ran", "one two"]
+TEXTS = ["the cat sat on the mat.", "a dog ran", "is it raining", "she did not go home."]
 
 
 def write_prompts(folder: Path, name: str) -> Path:
@@ -182,3 +190,128 @@ def test_learning_without_data_rejected(tmp_path, llama_base, llama_fine_tunes):
     result = invoke(["run", recipe, "--quiet"], expected_exit=1)
 
     assert_mentions(message_of(result), r"add a `data:` section", r"coefficients")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sequence classifiers: each task's own head scores the merged encoder
+
+
+@pytest.fixture(scope="module")
+def bert_family(tmp_path_factory) -> dict[str, Path]:
+    folders = build_bert_family(tmp_path_factory.mktemp("bert-adamerging"))
+    # The character tokenizer's 32 tokens fit the tiny BERT's vocabulary of 64.
+    build_tokenizer().save_pretrained(folders["base"])
+    return folders
+
+
+def write_texts(folder: Path, name: str, rows: list[dict]) -> Path:
+    path = folder / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def classifier_data(tmp_path: Path) -> dict:
+    # Labelled rows, as the zoo's eval.jsonl files are: the labels are ignored.
+    rows = [{"text": text, "label": index % 2} for index, text in enumerate(TEXTS)]
+    return {task: {"path": write_texts(tmp_path, task, rows), "batch_size": len(TEXTS), "max_length": 16}
+            for task in ("alpha", "beta")}
+
+
+def bert_recipe(tmp_path: Path, bert_family: dict[str, Path], **options) -> dict:
+    return two_task_recipe("adamerging", tmp_path, bert_family["base"],
+                           (bert_family["ft-1"], bert_family["ft-2"]), **options)
+
+
+def mean_entropy(classifier_folder: Path, encoder: dict[str, torch.Tensor], tokenizer) -> float:
+    """Mean entropy of a fine-tune's label distribution over TEXTS, with `encoder` in place of its own."""
+    from transformers import BertForSequenceClassification
+
+    classifier = BertForSequenceClassification.from_pretrained(classifier_folder, dtype=torch.float32).eval()
+    classifier.bert.load_state_dict(encoder)
+    batch = tokenizer(TEXTS, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        probs = classifier(**batch).logits.softmax(-1)
+    return float(-(probs * probs.log()).sum(-1).mean())
+
+
+def test_classifiers_learn_with_own_heads(tmp_path, bert_family):
+    from transformers import AutoTokenizer, BertModel
+
+    parameters = {"granularity": "layer", "steps": 3, "lr": 0.05}
+    recipe = write_recipe(tmp_path, bert_recipe(tmp_path, bert_family, parameters=parameters,
+                                                data=classifier_data(tmp_path)))
+
+    invoke(["run", recipe, "--quiet"], expected_exit=0)
+
+    merged = tmp_path / "merged"
+    coefficients = json.loads((merged / "adamerging_coefficients.json").read_text())
+    assert coefficients["tasks"] == ["alpha", "beta"]
+    assert len(coefficients["losses"]) == 3
+    assert all(0.0 <= value <= 1.0 for row in coefficients["coefficients"] for value in row)
+    assert any(value != 0.3 for row in coefficients["coefficients"] for value in row)
+    theta0 = read_tensors(bert_family["base"])
+    fine_tunes = [read_tensors(bert_family[name]) for name in ("ft-1", "ft-2")]
+    tensors = read_tensors(merged)
+    assert set(tensors) == set(theta0)
+    for name, row in zip(coefficients["tensors"], coefficients["coefficients"]):
+        expected = theta0[name] + sum(c * (model[f"bert.{name}"] - theta0[name]) for c, model in zip(row, fine_tunes))
+        torch.testing.assert_close(tensors[name], expected, rtol=1e-5, atol=1e-6)
+
+    # Every text fits one batch, so the first step's loss is the entropy at the initial 0.3, summed over tasks.
+    tokenizer = AutoTokenizer.from_pretrained(bert_family["base"])
+    initial = {name: theta0[name] + sum(0.3 * (model[f"bert.{name}"] - theta0[name]) for model in fine_tunes)
+               for name in theta0}
+    expected_loss = sum(mean_entropy(bert_family[name], initial, tokenizer) for name in ("ft-1", "ft-2"))
+    assert coefficients["losses"][0] == pytest.approx(expected_loss, rel=1e-5)
+    # The merge loads as the base's class, with no tensor missing.
+    _, info = BertModel.from_pretrained(merged, output_loading_info=True)
+    assert not info["missing_keys"]
+
+
+def test_classifier_zero_steps_equal_init(tmp_path, bert_family):
+    zero = write_recipe(tmp_path, bert_recipe(tmp_path, bert_family, parameters={"steps": 0, "init": 0.3},
+                                              data=classifier_data(tmp_path), output="zero"), name="zero.yaml")
+    invoke(["run", zero, "--quiet"], expected_exit=0)
+    given = write_recipe(tmp_path, bert_recipe(tmp_path, bert_family, parameters={"coefficient": 0.3},
+                                               data=None, output="given"), name="given.yaml")
+    invoke(["run", given, "--quiet"], expected_exit=0)
+
+    given_tensors = read_tensors(tmp_path / "given")
+    for name, tensor in read_tensors(tmp_path / "zero").items():
+        assert torch.equal(tensor, given_tensors[name]), name
+
+
+def test_classifier_row_without_text_rejected(tmp_path, bert_family):
+    data = classifier_data(tmp_path)
+    # A causal LM's prompt row is not a classifier's text.
+    data["beta"]["path"] = write_texts(tmp_path, "prompts", [{"text": "a cat"}, {"prompt": "a dog", "label": 1}])
+    recipe = write_recipe(tmp_path, bert_recipe(tmp_path, bert_family, parameters={"steps": 1}, data=data))
+
+    result = invoke(["run", recipe, "--quiet"], expected_exit=2)
+
+    assert_mentions(message_of(result), r"prompts\.jsonl:2", r'expected an object with a string "text"')
+    assert not (tmp_path / "merged").exists()
+
+
+def test_classifier_rejects_answer_positions(tmp_path, bert_family):
+    recipe = write_recipe(tmp_path, bert_recipe(tmp_path, bert_family, parameters={"steps": 1, "positions": "first"},
+                                                data=classifier_data(tmp_path)))
+
+    result = invoke(["run", recipe, "--quiet"], expected_exit=1)
+
+    assert_mentions(message_of(result), r"`positions` sets the causal LM objective", r"remove it")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_classifier_beside_bare_encoder_rejected(tmp_path, bert_family):
+    # A bare BertModel has no head to score, so it cannot join the classifiers' objective.
+    bare = shutil.copytree(bert_family["base"], tmp_path / "bare")
+    recipe = write_recipe(tmp_path, two_task_recipe(
+        "adamerging", tmp_path, bert_family["base"], (bert_family["ft-1"], bare),
+        parameters={"steps": 1}, data=classifier_data(tmp_path)))
+
+    result = invoke(["run", recipe, "--quiet"], expected_exit=2)
+
+    assert_mentions(message_of(result), r"only some models are sequence classifiers: .*ft-1",
+                    r"ForSequenceClassification config, or none")
+    assert not (tmp_path / "merged").exists()

@@ -9,8 +9,11 @@ import torch
 from transformers import AutoTokenizer
 
 from mergekit_plus.learn.adamerging import (
+    TaskClassifier,
     TaskPrompts,
     _read_task_vectors,
+    classification_entropy,
+    learn_classifier_coefficients,
     learn_coefficients,
     trim_thresholds,
 )
@@ -133,6 +136,64 @@ def test_task_wise_coefficients_move(llama_base: Path, llama_fine_tunes: tuple[P
     values = torch.tensor(learned.values)
     assert bool((values == values[0]).all()), "task-wise coefficients must be the same for every tensor"
     assert not torch.allclose(values, torch.full_like(values, 0.3))
+
+
+@pytest.fixture(scope="module")
+def bert_classifiers(tmp_path_factory):
+    """Two tiny BERT classifiers (2 and 3 labels) of one base, the base's tensors, and a tokenizer."""
+    from checkpoints import TINY_BERT, build_tokenizer
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    networks = [BertForSequenceClassification(BertConfig(**TINY_BERT, num_labels=labels)).eval() for labels in (2, 3)]
+    base = {name: tensor.detach().clone() for name, tensor in networks[0].bert.state_dict().items()
+            if tensor.is_floating_point()}
+    vectors = []
+    for seed, network in enumerate(networks, start=1):
+        generator = torch.Generator().manual_seed(seed)
+        network.bert.load_state_dict(networks[0].bert.state_dict())
+        vectors.append({name: 0.05 * torch.randn(tensor.shape, generator=generator) for name, tensor in base.items()})
+    return [TaskClassifier(network, "bert.") for network in networks], base, vectors, build_tokenizer()
+
+
+def _texts():
+    return [TaskPrompts(["the cat sat.", "a dog", "is it so"], 2, 16) for _ in range(2)]
+
+
+def test_classification_entropy_of_zero_head(bert_classifiers):
+    classifiers, _, _, tokenizer = bert_classifiers
+    network = classifiers[1].network
+    # A zero head gives every one of the 3 labels probability 1/3, so the entropy is ln 3.
+    weights = {"classifier.weight": torch.zeros_like(network.classifier.weight),
+               "classifier.bias": torch.zeros_like(network.classifier.bias)}
+    with torch.no_grad():
+        entropy = classification_entropy(network, weights, tokenizer, ["the cat", "a dog sat."], max_length=16,
+                                         device=torch.device("cpu"))
+    assert entropy.item() == pytest.approx(torch.log(torch.tensor(3.0)).item(), rel=1e-6)
+
+
+def test_classifier_zero_steps_keep_init(bert_classifiers):
+    classifiers, base, vectors, tokenizer = bert_classifiers
+    for granularity in ("task", "layer"):
+        learned = learn_classifier_coefficients(classifiers, tokenizer, base, vectors, _texts(),
+                                                params=_params(granularity=granularity, steps=0), seed=0,
+                                                device=torch.device("cpu"))
+        assert len(learned.values) == len(base)
+        assert all(value == pytest.approx(0.3) for row in learned.values for value in row)
+        assert learned.losses == []
+
+
+def test_classifier_coefficients_move_and_clamp(bert_classifiers):
+    classifiers, base, vectors, tokenizer = bert_classifiers
+    learned = learn_classifier_coefficients(classifiers, tokenizer, base, vectors, _texts(),
+                                            params=_params(granularity="layer", steps=3, lr=5.0), seed=0,
+                                            device=torch.device("cpu"))
+    values = torch.tensor(learned.values)
+    assert bool((values >= 0).all())
+    assert bool((values <= 1).all())
+    assert not torch.allclose(values, torch.full_like(values, 0.3))
+    assert len(learned.losses) == 3
+    assert all(not parameter.requires_grad for c in classifiers for parameter in c.network.parameters())
 
 
 def test_data_sources_read(tmp_path: Path):
