@@ -39,9 +39,13 @@ def params(**overrides):
 
 
 def find_thresholds(pieces, densities, compute_dtype):
-    """Run the statistics passes over `pieces` [(base, [model, ...]), ...] as the executor does."""
+    """Run the threshold passes over `pieces` [(base, [model, ...]), ...] as the executor does."""
     numels = [sum(base.numel() for base, _ in pieces)] * len(densities)
-    reducer = TrimThresholds(densities, numels, compute_dtype)
+    return run_passes(TrimThresholds(densities, numels, compute_dtype), pieces, densities)
+
+
+def run_passes(reducer, pieces, densities):
+    """Feed every piece to `reducer` pass after pass until it is done, and return its result."""
     passes = 0
     while not reducer.done:
         passes += 1
@@ -84,16 +88,7 @@ def sorted_threshold(deltas, density):
 def ties_statistics(pieces, densities, compute_dtype):
     """Run every statistics pass of a `scope: model` TIES merge over `pieces`, as the executor does."""
     numels = [sum(base.numel() for base, _ in pieces)] * len(densities)
-    reducer = TiesStatistics(TrimThresholds(densities, numels, compute_dtype))
-    passes = 0
-    while not reducer.done:
-        passes += 1
-        for index, (base, models) in enumerate(pieces):
-            reducer.update(f"tensor.{index}", base, models, models=range(len(models)), params=params(),
-                           model_params=[{"weight": 1.0, "density": d} for d in densities])
-        reducer.finish_pass()
-    assert passes <= reducer.max_passes
-    return reducer.result()
+    return run_passes(TiesStatistics(TrimThresholds(densities, numels, compute_dtype)), pieces, densities)
 
 
 def test_zero_sum_takes_whole_model_majority():
