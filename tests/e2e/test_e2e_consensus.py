@@ -15,17 +15,12 @@ from merge_helpers import (
     write_recipe,
 )
 from safetensors.torch import save_file
+from reference_vectors import BASE, TASK_VECTORS
 
 # Three task vectors of six entries. With λ_t = 0.4 the TALL masks keep 3, 2, 1, 1, 1 and 2 of the
 # three tasks at the six entries, so k = 2 keeps indices 0, 1 and 5 of τ_MTL = Σ τ_t, and half the
 # entries are selfish (one mask) with none catastrophic (no mask).
-TASK_VECTORS = [
-    [0.5, -0.2, 0.1, 0.0, 0.3, -0.05],
-    [-0.4, -0.3, 0.05, 0.2, 0.0, 0.1],
-    [0.3, 0.1, -0.6, 0.0, -0.1, 0.02],
-]
 CONSENSUS_TA = [0.4, -0.4, 0.0, 0.0, 0.0, 0.07]
-BASE = [1.0, -1.0, 0.5, 2.0, 0.0, 3.0]
 TENSORS = {"a.weight": (0, 2), "b.weight": (2, 4), "c.weight": (4, 6)}
 
 

@@ -15,19 +15,14 @@ from merge_helpers import assert_mentions, invoke, load_and_generate, message_of
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertForSequenceClassification, PreTrainedTokenizerFast
+from reference_vectors import BASE, TASK_VECTORS
 
 # The three task vectors of the hand-computed TALL masks: τ_MTL = Σ τ_t = [0.4, −0.4, −0.45, 0.2, 0.2, 0.07].
-TASK_VECTORS = [
-    [0.5, -0.2, 0.1, 0.0, 0.3, -0.05],
-    [-0.4, -0.3, 0.05, 0.2, 0.0, 0.1],
-    [0.3, 0.1, -0.6, 0.0, -0.1, 0.02],
-]
 MULTI_TASK_SUM = [0.4, -0.4, -0.45, 0.2, 0.2, 0.07]
 MASKS = {
     0.4: [[1, 1, 0, 0, 1, 1], [1, 1, 0, 1, 0, 1], [1, 0, 1, 0, 0, 0]],
     1.0: [[1, 0, 0, 0, 1, 0], [0, 1, 0, 1, 0, 1], [1, 0, 1, 0, 0, 0]],
 }
-BASE = [1.0, -1.0, 0.5, 2.0, 0.0, 3.0]
 # Sizes 1 and 5, so that neither mask fills a whole byte.
 TENSORS = {"a.weight": (0, 1), "b.weight": (1, 6)}
 

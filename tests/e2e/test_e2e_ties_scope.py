@@ -17,17 +17,12 @@ from merge_helpers import (
     write_recipe,
 )
 from safetensors.torch import save_file
+from reference_vectors import BASE, TASK_VECTORS
 
 # The TIES test vector: three task vectors of six entries and their dis-mean at k = 0.5. The
 # rule |τ| ≥ (d − floor(k·d))-th smallest |τ| keeps four entries of each, counting both of the
 # tied 0.1 and −0.1 of the third, so the trim must see all six entries at once.
-TASK_VECTORS = [
-    [0.5, -0.2, 0.1, 0.0, 0.3, -0.05],
-    [-0.4, -0.3, 0.05, 0.2, 0.0, 0.1],
-    [0.3, 0.1, -0.6, 0.0, -0.1, 0.02],
-]
 DIS_MEAN = [0.4, -0.25, -0.6, 0.2, 0.3, 0.1]
-BASE = [1.0, -1.0, 0.5, 2.0, 0.0, 3.0]
 # The six entries as three tensors, in the sorted key order of the flattening: the tied entries
 # of the third task vector land in `a.weight` and `c.weight`.
 TENSORS = {"a.weight": (0, 2), "b.weight": (2, 4), "c.weight": (4, 6)}

@@ -8,21 +8,16 @@ import torch
 from mergekit_plus.methods import chunks, get_method
 from mergekit_plus.methods.base import MergeTarget
 from mergekit_plus.methods.consensus import METHOD, MaskCensus, check_consensus_model
+from reference_vectors import BASE, TASK_VECTORS
 
 # Three task vectors of six entries. With λ_t = 0.4 their TALL masks against τ_MTL = Σ τ_t keep
 # [1,1,0,0,1,1], [1,1,0,1,0,1] and [1,0,1,0,0,0], so the mask counts are [3,2,1,1,1,2]. With k = 2
 # the consensus keeps indices 0, 1 and 5: τ_cons = [0.4, −0.4, 0, 0, 0, 0.07].
-TASK_VECTORS = [
-    [0.5, -0.2, 0.1, 0.0, 0.3, -0.05],
-    [-0.4, -0.3, 0.05, 0.2, 0.0, 0.1],
-    [0.3, 0.1, -0.6, 0.0, -0.1, 0.02],
-]
 CONSENSUS_TA = [0.4, -0.4, 0.0, 0.0, 0.0, 0.07]
 # With `inner: ties` at density 0.5 over the whole model, τ_MTL is the TIES dis-sum
 # [0.8, −0.5, −0.6, 0.2, 0.3, 0.1]. At λ_t = 0.4 the masks are [1,1,0,0,1,0], [0,1,0,1,0,1] and
 # [1,0,1,0,0,0], the counts [2,2,1,1,1,1], and the consensus keeps indices 0 and 1.
 CONSENSUS_TIES = [0.8, -0.5, 0.0, 0.0, 0.0, 0.0]
-BASE = [1.0, -1.0, 0.5, 2.0, 0.0, 3.0]
 
 
 def params(**overrides):

@@ -17,17 +17,12 @@ from mergekit_plus.methods.lines import (
     layer_scale,
     operator,
 )
+from reference_vectors import BASE, TASK_VECTORS
 
 # The shared test vectors: three task vectors of six entries, their sum, and their TIES dis-mean
 # with a whole-model trim at density 0.5 (four entries of each kept, counting ties).
-TASK_VECTORS = [
-    [0.5, -0.2, 0.1, 0.0, 0.3, -0.05],
-    [-0.4, -0.3, 0.05, 0.2, 0.0, 0.1],
-    [0.3, 0.1, -0.6, 0.0, -0.1, 0.02],
-]
 TASK_SUM = [0.4, -0.4, -0.45, 0.2, 0.2, 0.07]
 TIES_DIS_MEAN = [0.4, -0.25, -0.6, 0.2, 0.3, 0.1]
-BASE = [1.0, -1.0, 0.5, 2.0, 0.0, 3.0]
 
 # λ(ℓ) for L = 12, T = 8 with task arithmetic (α = 1/8) and β = 0.5, to four decimals.
 VIT_B_SCHEDULE = [0.125, 0.1705, 0.2159, 0.2614, 0.3068, 0.3523, 0.3977, 0.4432, 0.4886, 0.5341, 0.5795, 0.625]

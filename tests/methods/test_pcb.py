@@ -18,14 +18,10 @@ from mergekit_plus.methods.pcb import (
     check_params,
     reference_balance,
 )
+from reference_vectors import BASE, TASK_VECTORS
 
 # The PCB test vector: three task vectors of six entries, merged by the reference code's variant
 # with r = 0.5, clamp ratio 0 and N = 3. β₁ = exp(3·Norm(|τ₁|)²) ⊙ tanh(τ₁ ⊙ Σⱼ τⱼ), and so on.
-TASK_VECTORS = [
-    [0.5, -0.2, 0.1, 0.0, 0.3, -0.05],
-    [-0.4, -0.3, 0.05, 0.2, 0.0, 0.1],
-    [0.3, 0.1, -0.6, 0.0, -0.1, 0.02],
-]
 BETAS = [
     [3.9644, 0.1290, -0.0507, 0.0, 0.1765, -0.0036],
     [-3.1865, 0.6456, -0.0236, 0.0846, 0.0, 0.0084],
@@ -38,7 +34,6 @@ SCORES = [
 ]
 # The last entry has every score 0, so it is 0 / 1e−12 = 0.
 MERGED = [0.4909, -0.3, -0.6, 0.2, 0.3, 0.0]
-BASE = [1.0, -1.0, 0.5, 2.0, 0.0, 3.0]
 
 
 def params(**overrides):

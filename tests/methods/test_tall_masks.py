@@ -31,21 +31,16 @@ from mergekit_plus.methods.tall_masks import (
     unpack_mask,
 )
 from mergekit_plus.recipe.validate import check_param_value
+from reference_vectors import BASE, TASK_VECTORS
 
 # Three task vectors of six entries. Their sum is τ_MTL = [0.4, −0.4, −0.45, 0.2, 0.2, 0.07], and
 # the masks m_t = 1[|τ_t| > λ · |τ_MTL − τ_t|] below were worked out by hand.
-TASK_VECTORS = [
-    [0.5, -0.2, 0.1, 0.0, 0.3, -0.05],
-    [-0.4, -0.3, 0.05, 0.2, 0.0, 0.1],
-    [0.3, 0.1, -0.6, 0.0, -0.1, 0.02],
-]
 MULTI_TASK_SUM = [0.4, -0.4, -0.45, 0.2, 0.2, 0.07]
 MASKS = {
     0.4: [[1, 1, 0, 0, 1, 1], [1, 1, 0, 1, 0, 1], [1, 0, 1, 0, 0, 0]],
     # At λ = 1, |τ₁| = |τ_MTL − τ₁| = 0.2 at index 1, and the strict ">" drops that entry.
     1.0: [[1, 0, 0, 0, 1, 0], [0, 1, 0, 1, 0, 1], [1, 0, 1, 0, 0, 0]],
 }
-BASE = [1.0, -1.0, 0.5, 2.0, 0.0, 3.0]
 
 
 def inner_params(**overrides):

@@ -8,14 +8,9 @@ import torch
 from mergekit_plus.methods import chunks
 from mergekit_plus.methods.task_arithmetic import METHOD as TASK_ARITHMETIC
 from mergekit_plus.methods.ties import METHOD
+from reference_vectors import BASE, TASK_VECTORS
 
 # Three task vectors of six entries, with their TIES results worked out by hand below.
-TASK_VECTORS = [
-    [0.5, -0.2, 0.1, 0.0, 0.3, -0.05],
-    [-0.4, -0.3, 0.05, 0.2, 0.0, 0.1],
-    [0.3, 0.1, -0.6, 0.0, -0.1, 0.02],
-]
-BASE = [1.0, -1.0, 0.5, 2.0, 0.0, 3.0]
 
 
 def merge(base, tensors, weights, densities, compute_dtype=None, **overrides):

@@ -14,6 +14,7 @@ from whole_tensor_reference import merge as reference_merge
 from mergekit_plus.methods import chunks, sparsify
 from mergekit_plus.methods.base import MergeTarget
 from mergekit_plus.methods.ties import METHOD, ModelThreshold, TiesStatistics, TrimThresholds, WholeModelTies, check_model_scope
+from reference_vectors import BASE, TASK_VECTORS
 
 # The three task vectors of six entries of the TIES test vector. With k = 0.5, the rule
 # |τ| ≥ (d − floor(k·d))-th smallest |τ| keeps four entries of each row:
@@ -22,14 +23,8 @@ from mergekit_plus.methods.ties import METHOD, ModelThreshold, TiesStatistics, T
 #   τ̂₃ = [0.3, 0.1, −0.6, 0, −0.1, 0]   (0.1 and −0.1 tie at the threshold, and both stay)
 # Σ τ̂ = [0.4, −0.4, −0.5, 0.2, 0.2, 0.1] elects [+, −, −, +, +, +], and the mean of the agreeing
 # entries (dis-mean) is [0.4, −0.25, −0.6, 0.2, 0.3, 0.1].
-TASK_VECTORS = [
-    [0.5, -0.2, 0.1, 0.0, 0.3, -0.05],
-    [-0.4, -0.3, 0.05, 0.2, 0.0, 0.1],
-    [0.3, 0.1, -0.6, 0.0, -0.1, 0.02],
-]
 DIS_MEAN = [0.4, -0.25, -0.6, 0.2, 0.3, 0.1]
 DIS_SUM = [0.8, -0.5, -0.6, 0.2, 0.3, 0.1]
-BASE = [1.0, -1.0, 0.5, 2.0, 0.0, 3.0]
 # Three tensors of two entries each, so that the tied 0.1 and −0.1 of τ₃ fall into different tensors.
 SPLIT = [(0, 2), (2, 4), (4, 6)]
 
