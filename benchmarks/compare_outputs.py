@@ -113,10 +113,10 @@ def model_cutoffs(inputs: list[CheckpointReader], names: list[str], density: flo
 
     The cut-off of model i is the (d - k)-th smallest |delta_i| over the d entries of every
     tensor in `names`, with k = floor(density * d) taken exactly in decimal, as mergekit_plus
-    counts it. Non-negative float32 values order like their bit patterns read as integers, so
-    a histogram of the top 16 bits finds the bin that contains the cut-off, and a histogram of
-    the low 16 bits inside that bin, needed only when some of its entries have low bits set,
-    finds the value itself.
+    counts it. Non-negative float32 values order like their bit patterns read as integers. So a
+    histogram of the top 16 bits finds the bin that contains the cut-off. A histogram of the low
+    16 bits inside that bin then finds the value itself. It is needed only when some entries of
+    the bin have low bits set.
     """
     def magnitudes(reader: CheckpointReader, name: str) -> torch.Tensor:
         delta = reader.get(name).float() - inputs[0].get(name).float()

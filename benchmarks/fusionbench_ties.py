@@ -10,9 +10,9 @@ runs the merge as a FusionBench user would:
 2. ``TiesMergingAlgorithm.run`` flattens every state dict into one vector of d entries. It trims
    each task vector to the entries with |tau| at or above its (d - k)-th smallest magnitude, with
    k = int(threshold * d), so k + 1 entries and every tie with them survive. It elects the sign
-   of the sum of the trimmed vectors, with the majority of the elected signs over the whole model
-   where that sum is 0, takes the disjoint mean (``merge_func: mean``) or sum, and adds
-   ``scaling_factor`` times the result to the base.
+   of the sum of the trimmed vectors. Where that sum is 0, the majority of the elected signs over
+   the whole model decides. It then takes the disjoint mean (``merge_func: mean``) or sum, and
+   adds ``scaling_factor`` times the result to the base.
 3. ``CausalLMPool.save_model`` casts the model to the recipe's ``out_dtype`` and writes it with
    ``save_pretrained`` (safetensors), with the base's tokenizer.
 

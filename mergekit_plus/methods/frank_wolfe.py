@@ -125,18 +125,18 @@ def initial_point(params: Mapping[str, Any]) -> str:
 def check_params(params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]) -> list[str]:
     """Reject parameter combinations that the learning phase cannot honour."""
     problems = []
-    given = [mp["coefficient"] is not None for mp in model_params]
-    if any(given) and not all(given):
+    has_coefficient = [mp["coefficient"] is not None for mp in model_params]
+    if any(has_coefficient) and not all(has_coefficient):
         problems.append("`coefficient` is set for some models but not all; set it for every model to skip "
                         "learning, or for none")
     if params["merge_fn"] == "ties":
-        if any(given) or params["base_coefficient"] is not None or params["coefficients"]:
+        if any(has_coefficient) or params["base_coefficient"] is not None or params["coefficients"]:
             problems.append("merge_fn ties is not linear, so coefficients cannot describe its result; remove "
                             "`coefficient`, `base_coefficient` and `coefficients`, or use merge_fn task_arithmetic")
         if params["variant"] == "soft":
             problems.append("the soft variant takes merge_fn task_arithmetic; FusionBench's soft variant has no "
                             "TIES step")
-    elif params["base_coefficient"] is not None and not all(given):
+    elif params["base_coefficient"] is not None and not all(has_coefficient):
         problems.append("`base_coefficient` needs `coefficient` for every model; set both, or neither")
     return problems
 

@@ -272,13 +272,13 @@ def test_classifier_zero_steps_equal_init(tmp_path, bert_family):
     zero = write_recipe(tmp_path, bert_recipe(tmp_path, bert_family, parameters={"steps": 0, "init": 0.3},
                                               data=classifier_data(tmp_path), output="zero"), name="zero.yaml")
     invoke(["run", zero, "--quiet"], expected_exit=0)
-    given = write_recipe(tmp_path, bert_recipe(tmp_path, bert_family, parameters={"coefficient": 0.3},
+    coefficient = write_recipe(tmp_path, bert_recipe(tmp_path, bert_family, parameters={"coefficient": 0.3},
                                                data=None, output="given"), name="given.yaml")
-    invoke(["run", given, "--quiet"], expected_exit=0)
+    invoke(["run", coefficient, "--quiet"], expected_exit=0)
 
-    given_tensors = read_tensors(tmp_path / "given")
+    coefficient_tensors = read_tensors(tmp_path / "given")
     for name, tensor in read_tensors(tmp_path / "zero").items():
-        assert torch.equal(tensor, given_tensors[name]), name
+        assert torch.equal(tensor, coefficient_tensors[name]), name
 
 
 def test_classifier_row_without_text_rejected(tmp_path, bert_family):
